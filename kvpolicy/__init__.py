@@ -1,2 +1,13 @@
-"""kvpolicy: a declarative language and compiler for KV-cache compression policies."""
+"""kvpolicy: a declarative language and compiler for KV-cache compression policies.
+
+    import kvpolicy
+    pol = kvpolicy.load("snapkv", budget=256)   # a shipped name or a .kvp path
+    pol.ir                                      # the checked IR (kvpolicy.ir.Policy)
+"""
 __version__ = "0.1.0"
+
+from .diagnostics import PolicyError  # noqa: E402
+from .errors import KvpolicyError  # noqa: E402
+from .policy import Policy, compile_text, load  # noqa: E402
+
+__all__ = ["KvpolicyError", "Policy", "PolicyError", "compile_text", "load", "__version__"]
