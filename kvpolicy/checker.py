@@ -195,7 +195,11 @@ class _Checker:
             self.error(st.unit.span, f"unknown unit '{unit}'{did_you_mean(unit, UNITS)}; units are {', '.join(UNITS)}")
             return ERROR
         what = f"param {st.name.name}"
-        default = self.expr.expect_number(st.default, unit, what)
+        typed = self.expr.check(st.default)
+        if unit in ("tokens", "steps", "int") and typed.value is not None and not float(typed.value).is_integer():
+            self.error(st.default.span, f"{what} must be a whole number of {unit}, got {fmt_number(typed.value)}")
+            return ERROR
+        default = self.expr.number_value(st.default, typed, unit, what)
         if default is None:
             return ERROR
         value, note = default, ""

@@ -86,6 +86,7 @@ class _Block:
     leading: list[str] = field(default_factory=list)
     trailing: list[str] = field(default_factory=list)
     opens_body: bool = False  # first block inside a { } body: never a blank line before
+    closes_body: bool = False  # a closing brace: comments above it belong to the body
 
 
 def _statement_blocks(st: ast.Statement, depth: int) -> list[_Block]:
@@ -114,13 +115,13 @@ def _statement_blocks(st: ast.Statement, depth: int) -> list[_Block]:
         blocks = [_Block(line, line, depth, [f"calibrate {st.name.name} per {scope} {{"])]
         for i, item in enumerate(st.items):
             blocks.append(_Block(item.span.line, item.span.end_line, depth + 1, [_calib_item(item)], opens_body=i == 0))
-        blocks.append(_Block(end, end, depth, ["}"], opens_body=not st.items))
+        blocks.append(_Block(end, end, depth, ["}"], opens_body=not st.items, closes_body=True))
         return blocks
     assert isinstance(st, ast.Cascade)
     blocks = [_Block(line, line, depth, ["cascade {"])]
     for i, tier in enumerate(st.tiers):
         blocks.append(_Block(tier.span.line, tier.span.end_line, depth + 1, _tier_lines(tier, depth + 1), opens_body=i == 0))
-    blocks.append(_Block(end, end, depth, ["}"], opens_body=not st.tiers))
+    blocks.append(_Block(end, end, depth, ["}"], opens_body=not st.tiers, closes_body=True))
     return blocks
 
 
@@ -198,7 +199,7 @@ def format_policy(policy: ast.Policy, source_text: str) -> str:
         new = _statement_blocks(st, 1)
         new[0].opens_body = i == 0
         blocks.extend(new)
-    blocks.append(_Block(policy.span.end_line, policy.span.end_line, 0, ["}"], opens_body=not policy.statements))
+    blocks.append(_Block(policy.span.end_line, policy.span.end_line, 0, ["}"], opens_body=not policy.statements, closes_body=True))
     footer = _attach_comments(blocks, policy.comments)
     out: list[str] = []
     for index, block in enumerate(blocks):
@@ -206,7 +207,8 @@ def format_policy(policy: ast.Policy, source_text: str) -> str:
         if index > 0 and not block.opens_body and _blank_before(source_lines, first_line) and out and out[-1] != "":
             out.append("")
         pad = INDENT * block.depth
-        out.extend(pad + text for _, text in block.leading)
+        comment_pad = INDENT * (block.depth + 1) if block.closes_body else pad
+        out.extend(comment_pad + text for _, text in block.leading)
         out.extend(pad + text for text in block.trailing[1:])  # a second same-line comment goes above
         lines = [pad + text for text in block.lines]
         if block.trailing:

@@ -130,7 +130,10 @@ def _converted_dir(name: str, info: ModelInfo) -> Path:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ModelError(f"cannot create {final.parent} ({exc.strerror}): set KVPOLICY_CACHE to a writable directory") from None
+        raise ModelError(
+            f"cannot create {final.parent} ({exc.strerror}): "
+            "set KVPOLICY_CACHE to a writable directory"
+        ) from None
     with _exclusive_lock(final.with_name(final.name + ".lock")):
         if not final.exists():  # otherwise another process converted it while we waited
             _remove_stale_temporaries(final)
@@ -175,7 +178,9 @@ def _remove_stale_temporaries(final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _convert_atomically(name, info, gguf_path, package_version, final) -> None:
+def _convert_atomically(
+    name: str, info: ModelInfo, gguf_path: Path, package_version: str, final: Path
+) -> None:
     print(
         f"kvpolicy: converting {name} ({info.package} {package_version}) to {final} "
         "(once, about 30 s)",
