@@ -255,11 +255,14 @@ class _Checker:
     # ------------------------------------------------------------- statements
 
     def _state(self, st: ast.State) -> ir.State | None:
-        typed = self._typed(st.name.name)
+        d = self.defs.get(st.name.name)
+        # A state whose name was rejected (a built-in, a reserved word, a
+        # duplicate) has no definition of its own; that error is already recorded.
+        typed = self._typed(st.name.name) if d is not None and d.node is st else ERROR
         decay = 1.0
         if st.decay is not None:
             decay = self.expr.expect_number(st.decay, "prob", "decay")
-        if typed is ERROR or decay is None or st.name.name not in self.defs:
+        if typed is ERROR or decay is None:
             return None
         return ir.State(name=st.name.name, update=self.definition_irs[st.name.name], decay=decay)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from . import checker, ir, library, syntax
-from .diagnostics import Source, did_you_mean
+from . import ast, checker, ir, library, syntax
+from .diagnostics import Source, Span, did_you_mean
 from .errors import KvpolicyError
 
 
@@ -27,6 +27,21 @@ class Policy:
 
     def params(self) -> dict[str, float | int]:
         return {name: p.value for name, p in self.ir.params.items()}
+
+    def locate(self, kind: str, name: str | None) -> Span:
+        """Where a statement is in the source (for errors found after checking,
+        e.g. against a model's shape): kind is keep | skip | calibrate | tier."""
+        tree = syntax.parse(self.source.text, self.source.filename)
+        for st in tree.statements:
+            if kind == "keep" and isinstance(st, ast.Keep) and st.name.name == name:
+                return st.span
+            if kind == "skip" and isinstance(st, ast.Skip):
+                return st.span
+            if kind == "calibrate" and isinstance(st, ast.Calibrate) and st.name.name == name:
+                return st.span
+            if kind == "tier" and isinstance(st, ast.Cascade):
+                return next((t.span for t in st.tiers if t.name.name == name), st.span)
+        return tree.name.span
 
     def with_params(self, **params) -> "Policy":
         """The same source re-checked with other param values."""

@@ -18,6 +18,10 @@ from .diagnostics import NOWHERE, Diagnostic, PolicyError, Source, Span, did_you
 
 MAX_BYTES = 1 << 20  # a policy is a screenful; 1 MiB is generous and bounds parse time
 MAX_NESTING = 64  # brackets deeper than this are an error, not a stack overflow
+# Operators chained in one expression (`1 + 1 + ... + 1`, `- - - x`, `a | b | ...`)
+# nest the tree without brackets; deeper than this is an error, since the
+# checker and the formatter walk expressions recursively.
+MAX_EXPR_DEPTH = 100
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,6 +56,9 @@ def parse(text: str | bytes, filename: str = "<string>") -> ast.Policy:
         tree = _parse_collecting(source.text, comments)
     except UnexpectedInput as err:
         raise PolicyError([_syntax_diagnostic(err, source)], source) from None
+    too_deep = _expression_depth_error(tree)
+    if too_deep:
+        raise PolicyError([too_deep], source)
     try:
         policy = _ToAst().transform(tree)
     except RecursionError:
@@ -101,7 +108,9 @@ def _screen(text: str | bytes, filename: str) -> tuple[Source, Diagnostic | None
 
 
 def _too_large(size: int) -> Diagnostic:
-    return Diagnostic(NOWHERE, f"file too large ({size / 1e6:.1f} MB); a policy may be at most {MAX_BYTES // 1024} KiB")
+    # A file is read only up to MAX_BYTES + 1 bytes, so its size is not always known.
+    shown = f"{size / 1e6:.1f} MB" if size > MAX_BYTES + 1 else f"over {MAX_BYTES // 1024} KiB"
+    return Diagnostic(NOWHERE, f"file too large ({shown}); a policy may be at most {MAX_BYTES // 1024} KiB")
 
 
 def _nesting_error(text: str) -> Diagnostic | None:
@@ -136,6 +145,7 @@ _TERMINAL_WORDS = {
     "STRING": "a string",
     "CMP": "a comparison (> >= < <=)",
     "$END": "end of file",
+    "<END-OF-FILE>": "end of file",  # what lark's contextual lexer calls $END
 }
 
 
@@ -158,6 +168,60 @@ def _end_span(source: Source) -> Span:
     return Span.point(len(lines), len(lines[-1]) + 1)
 
 
+def _unclosed_brace_line(text: str) -> int | None:
+    """Line of the innermost '{' still open at the end of the text."""
+    opened: list[int] = []
+    line, in_string, in_comment = 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line, in_string, in_comment = line + 1, False, False
+        elif in_comment:
+            continue
+        elif ch == '"':
+            in_string = not in_string
+        elif in_string:
+            continue
+        elif ch == "#":
+            in_comment = True
+        elif ch == "{":
+            opened.append(line)
+        elif ch == "}" and opened:
+            opened.pop()
+    return opened[-1] if opened else None
+
+
+_EXPRESSION_RULES = {"union_", "first", "last", "compare", "add", "sub", "mul", "div", "neg", "call", "kwarg", "list"}
+
+
+def _expression_depth_error(tree: lark.Tree) -> Diagnostic | None:
+    """An expression nested more than MAX_EXPR_DEPTH deep, found without recursion.
+
+    A union `a | b | c` is one flat node in the parse tree but a chain of
+    binary nodes in the AST, so it counts one level per '|'."""
+    height: dict[int, int] = {}
+    stack: list[tuple[lark.Tree, bool]] = [(tree, False)]
+    while stack:
+        node, children_done = stack.pop()
+        subtrees = [c for c in node.children if isinstance(c, lark.Tree)]
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in subtrees)
+            continue
+        below = max((height[id(c)] for c in subtrees), default=0)
+        height[id(node)] = below + (max(1, len(node.children) - 1) if node.data == "union_" else 1)
+    # Report the outermost expression that is too deep, at its start.
+    stack2: list[lark.Tree] = [tree]
+    while stack2:
+        node = stack2.pop()
+        if node.data in _EXPRESSION_RULES and height[id(node)] > MAX_EXPR_DEPTH and not node.meta.empty:
+            return Diagnostic(
+                Span.point(node.meta.line, node.meta.column),
+                f"expression nested too deeply ({height[id(node)]} levels; at most {MAX_EXPR_DEPTH}): split it into named params or scores",
+            )
+        stack2.extend(reversed([c for c in node.children if isinstance(c, lark.Tree)]))
+    return None
+
+
 def _syntax_diagnostic(err: UnexpectedInput, source: Source) -> Diagnostic:
     if isinstance(err, UnexpectedCharacters):
         span = Span.point(err.line, err.column)
@@ -166,10 +230,12 @@ def _syntax_diagnostic(err: UnexpectedInput, source: Source) -> Diagnostic:
             return Diagnostic(span, "unterminated string (strings end on the same line)")
         shown = repr(char) if char.isprintable() else f"U+{ord(char):04X}" if char else "end of file"
         return Diagnostic(span, f"unexpected character {shown}")
-    if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
+    if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type in ("$END", "<END-OF-FILE>")):
         expected = _expected_words(err.expected)
         if "'}'" in expected:
-            return Diagnostic(_end_span(source), "unexpected end of file: a '{' block is not closed (expected '}')")
+            opened = _unclosed_brace_line(source.text)
+            where = f" (the one opened on line {opened})" if opened is not None else ""
+            return Diagnostic(_end_span(source), f"unexpected end of file: a '{{' block is not closed{where}; expected '}}'")
         return Diagnostic(_end_span(source), f"unexpected end of file; expected {_or_list(expected)}")
     assert isinstance(err, UnexpectedToken)
     token = err.token
@@ -183,11 +249,36 @@ def _syntax_diagnostic(err: UnexpectedInput, source: Source) -> Diagnostic:
         return Diagnostic(span, f"unexpected '{token}'; expected {_or_list(words)}{did_you_mean(str(token), expected_keywords)}")
     if str(token) in keywords() and "NAME" in expected_terms:
         return Diagnostic(span, f"'{token}' is a reserved word and cannot be used as a name")
+    word = _argument_name_before(source.text, token.start_pos) if str(token) == "=" and token.start_pos is not None else None
+    if word is not None and word[0] in keywords():
+        # `linear(first = 1, ...)`: a keyword cannot name an argument.
+        name, line, col = word
+        return Diagnostic(Span.point(line, col, len(name)), f"'{name}' is a reserved word and cannot be used as an argument name; pass the argument by position")
     return Diagnostic(span, f"unexpected {_show_token(token)}; expected {_or_list(words)}")
 
 
+def _argument_name_before(text: str, pos: int) -> tuple[str, int, int] | None:
+    """(word, line, col) of the identifier written as a keyword argument's
+    name just before `pos` (`f(WORD =` or `, WORD =`), else None."""
+    end = pos
+    while end > 0 and text[end - 1] in " \t":
+        end -= 1
+    start = end
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        start -= 1
+    if start == end:
+        return None
+    before = start
+    while before > 0 and text[before - 1] in " \t\r\n":
+        before -= 1
+    if before == 0 or text[before - 1] not in "(,":  # only an argument list: f(WORD = ...)
+        return None
+    line_start = text.rfind("\n", 0, start) + 1
+    return (text[start:end], text.count("\n", 0, start) + 1, start - line_start + 1)
+
+
 def _show_token(token: Token) -> str:
-    return "end of file" if token.type == "$END" else f"'{token}'"
+    return "end of file" if token.type in ("$END", "<END-OF-FILE>") else f"'{token}'"
 
 
 def _or_list(words: list[str]) -> str:

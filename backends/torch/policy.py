@@ -1,0 +1,269 @@
+"""The torch reference backend: a compiled policy for one model shape.
+
+This is the oracle every other backend is checked against, and the CPU
+execution path of the HF engine. Engine-facing API:
+
+    engine = TorchPolicy(policy, ModelShape(layers, q_heads, kv_heads, head_dim))
+    run = engine.new_sequence()                     # per-sequence runtime state
+    engine.observe(run, layer, queries, positions)  # every forward, post-RoPE
+    engine.accumulate(layer_probs, states)          # when engine.plan has "accumulate"
+    if engine.due(run, layer, phase, held):
+        decision = engine.compress_layer(run, layer, inputs)   # kept mask, merged values
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpolicy import ir
+from kvpolicy.budgets import layer_counts
+from kvpolicy.diagnostics import Diagnostic, PolicyError
+from kvpolicy.errors import KvpolicyError
+from kvpolicy.plan import PHYSICAL_LAYOUTS, Plan, lower
+from kvpolicy.runtime.window import QueryWindow
+
+from . import select as sel
+from .calibrate import Calibrator, references_of
+from .evaluate import Evaluator, LayerInputs
+from .merge import merge_evicted
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    name: str = "the model"
+
+    @staticmethod
+    def from_config(config, name: str | None = None) -> "ModelShape":
+        heads = config.num_attention_heads
+        return ModelShape(
+            num_layers=config.num_hidden_layers,
+            num_q_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            name=name or getattr(config, "_name_or_path", None) or "the model",
+        )
+
+
+@dataclass
+class SequenceRun:
+    """Runtime state of one sequence: query windows, fitted temperatures,
+    compression counts (per layer, since guards are per layer)."""
+
+    windows: list[QueryWindow]
+    decode_step: int = 0
+    compressions: list[int] = field(default_factory=list)
+    temperatures: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    fit_errors: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LayerDecision:
+    kept: torch.Tensor  # [Hkv, T] bool: the valid slots to keep
+    physical: bool  # True: compact kept slots to a prefix; False: mask in place
+    values: torch.Tensor | None = None  # [Hkv, T, D] when merging changed values
+    tiers: torch.Tensor | None = None  # [Hkv, T] long tier index per slot (cascades)
+
+
+class TorchPolicy:
+    def __init__(self, policy, shape: ModelShape):
+        self.source = policy if hasattr(policy, "source") else None
+        self.ir: ir.Policy = policy.ir if hasattr(policy, "ir") else policy
+        self.shape = shape
+        self.plan: Plan = lower(self.ir)
+        self._check_shape()
+        self.calibrators = {c.name: Calibrator(self.ir, c) for c in self.ir.calibrations}
+
+    # ------------------------------------------------------------- load-time checks
+
+    def _check_shape(self) -> None:
+        s, problems = self.shape, []
+        if s.num_q_heads % s.num_kv_heads:
+            raise KvpolicyError(f"{s.name}: {s.num_q_heads} query heads do not group onto {s.num_kv_heads} kv heads")
+        for keep in self.ir.keeps:
+            for index in keep.layers or ():
+                if index >= s.num_layers:
+                    problems.append(("keep", keep.name, f"keep '{keep.name}' names layer {index}, but {s.name} has {s.num_layers} layers (0..{s.num_layers - 1})"))
+                    break
+            for index in keep.kv_heads or ():
+                if index >= s.num_kv_heads:
+                    problems.append(("keep", keep.name, f"keep '{keep.name}' names kv head {index}, but {s.name} has {s.num_kv_heads} kv heads (0..{s.num_kv_heads - 1})"))
+                    break
+            shape = keep.by_layer
+            if shape is not None and shape.kind == "table" and len(shape.weights) != s.num_layers:
+                problems.append(("keep", keep.name, f"keep '{keep.name}' has a by-layer table of {len(shape.weights)} weights, but {s.name} has {s.num_layers} layers"))
+        for index in self.ir.skip_layers:
+            if index >= s.num_layers:
+                problems.append(("skip", None, f"skip names layer {index}, but {s.name} has {s.num_layers} layers (0..{s.num_layers - 1})"))
+                break
+        for cal in self.ir.calibrations:
+            if cal.fit.kind == "file":
+                problems.append(("calibrate", cal.name, f"calibrate {cal.name}: calibration files are not supported by the torch backend yet"))
+        for tier in self.ir.cascade:
+            if tier.store != "native":
+                problems.append(("tier", tier.name, f"tier {tier.name}: store {tier.store} is not supported by the torch backend yet"))
+        if problems:
+            raise self._located(problems)
+
+    def _located(self, problems) -> KvpolicyError:
+        if self.source is None:
+            return KvpolicyError("; ".join(message for _, _, message in problems))
+        diagnostics = [Diagnostic(self.source.locate(kind, name), message) for kind, name, message in problems]
+        return PolicyError(diagnostics, self.source.source)
+
+    # ------------------------------------------------------------- runtime
+
+    def new_sequence(self) -> SequenceRun:
+        return SequenceRun(
+            windows=[QueryWindow(self.plan.observe_window) for _ in range(self.shape.num_layers)],
+            compressions=[0] * self.shape.num_layers,
+        )
+
+    def observe(self, run: SequenceRun, layer: int, queries: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record a forward's queries [Hq, n, D] (post-RoPE) at positions [n]."""
+        if self.plan.observe_window:
+            run.windows[layer].append(queries, positions)
+
+    def accumulate(self, probs: torch.Tensor, states: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token states after one forward: probs [Hq, n, T] are the new
+        queries' attention over the held slots (T includes the new tokens);
+        states are [Hkv, T] aligned with the slots (new slots start at 0)."""
+        out = {}
+        num_kv = valid.shape[0]
+        for state in self.ir.states:
+            current = states[state.name]
+            update = _state_update(state.update, probs, num_kv)  # [n, Hkv, T] one row per new query
+            for row in update:
+                current = state.decay * current + row
+            out[state.name] = current.masked_fill(~valid, 0.0)
+        return out
+
+    def due(self, run: SequenceRun, layer: int, phase: str, held: int) -> bool:
+        if layer in self.ir.skip_layers:
+            return False
+        return self.plan.due(phase, run.decode_step, held)
+
+    def compress_layer(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> LayerDecision:
+        run.compressions[layer] += 1
+        window = run.windows[layer]
+        if self.plan.observe_window:
+            inputs.queries, inputs.query_pos = window.queries, window.positions
+        calibration = self._temperatures(run, layer, inputs)
+        evaluator = Evaluator(self.ir, inputs, calibration)
+        protected, applies = self._protected(layer, inputs)
+        if self.ir.cascade:
+            return self._cascade(run, layer, inputs, evaluator, protected)
+        kept = inputs.valid.clone()
+        candidates = inputs.valid & ~protected
+        scored = torch.zeros_like(inputs.valid)
+        for keep in self.ir.keeps:
+            if not self._keep_applies(keep, layer):
+                continue
+            heads = self._head_mask(keep)
+            if keep.per == "layer" and isinstance(keep.select, ir.TopK):
+                chosen = sel.per_layer_top_k(evaluator.token_scores(keep.select.score), candidates & heads[:, None], self._count(keep, layer)(keep.select.count), keep.floor)
+            else:
+                chosen = sel.select(keep.select, evaluator, candidates & heads[:, None], protected, self._count(keep, layer))
+            scored |= chosen & heads[:, None]
+        kept = torch.where(applies[:, None], (protected | scored) & inputs.valid, inputs.valid)
+        values = self._merge(self.ir.merge, evaluator, inputs, kept)
+        return LayerDecision(kept=kept, physical=True, values=values)
+
+    # ------------------------------------------------------------- pieces
+
+    def _temperatures(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        out = {}
+        for cal in self.ir.calibrations:
+            key = (cal.name, layer)
+            count = run.compressions[layer]
+            refit = cal.fit.kind == "every" and (count - 1) % cal.fit.every == 0
+            if key not in run.temperatures or refit:
+                result = self.calibrators[cal.name].fit(inputs)
+                run.temperatures[key] = result.temperature
+                run.fit_errors[key] = result.error
+            t = run.temperatures[key]
+            out[cal.name] = t if t.numel() == inputs.num_kv else t.expand(inputs.num_kv)
+        return out
+
+    def _keep_applies(self, keep: ir.Keep, layer: int) -> bool:
+        return keep.layers is None or layer in keep.layers
+
+    def _head_mask(self, keep: ir.Keep) -> torch.Tensor:
+        heads = torch.ones(self.shape.num_kv_heads, dtype=torch.bool)
+        if keep.kv_heads is not None:
+            heads[:] = False
+            heads[list(keep.kv_heads)] = True
+        return heads
+
+    def _count(self, keep: ir.Keep, layer: int):
+        shape = keep.by_layer
+
+        def count_for(n: int) -> int:
+            return n if shape is None else layer_counts(n, shape, self.shape.num_layers)[layer]
+
+        return count_for
+
+    def _protected(self, layer: int, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(protected [Hkv, T], applies [Hkv]): tokens kept by first/last, and
+        the heads some keep applies to (the others are not compressed)."""
+        protected = torch.zeros_like(inputs.valid)
+        applies = torch.zeros(inputs.num_kv, dtype=torch.bool)
+        for keep in self.ir.keeps:
+            if not self._keep_applies(keep, layer):
+                continue
+            heads = self._head_mask(keep)
+            applies |= heads
+            for part in sel.positional_parts(keep.select):
+                protected |= sel.positional(part, inputs.valid, inputs.key_pos) & heads[:, None]
+        if self.ir.cascade:
+            applies[:] = True
+        return protected, applies
+
+    def _merge(self, merge: ir.Merge | None, evaluator: Evaluator, inputs: LayerInputs, kept: torch.Tensor):
+        if merge is None:
+            return None
+        weights = evaluator.token_scores(merge.weight) if merge.weight is not None else None
+        return merge_evicted(inputs.keys, inputs.values, inputs.valid, kept, weights, merge.into)
+
+    def _cascade(self, run: SequenceRun, layer: int, inputs: LayerInputs, evaluator: Evaluator, protected: torch.Tensor) -> LayerDecision:
+        """Tiers: new tokens sit in tier 0. At compression c, each later tier
+        whose `every` divides c takes the tokens of its source tier and its
+        own: with a select, the chosen (and protected) ones stay, the rest are
+        evicted; without one, all move. The event is physical if any tier that
+        ran stores its tokens contiguously, else a mask update."""
+        count = run.compressions[layer]
+        tiers = inputs.tiers.clone() if getattr(inputs, "tiers", None) is not None else torch.zeros_like(inputs.key_pos)
+        names = [t.name for t in self.ir.cascade]
+        kept = inputs.valid.clone()
+        physical = False
+        values = None
+        for index, tier in enumerate(self.ir.cascade[1:], start=1):
+            if count % tier.every:
+                continue
+            source = names.index(tier.source)
+            members = kept & ((tiers == source) | (tiers == index))
+            if tier.select is not None:
+                chosen = sel.select(tier.select, evaluator, members & ~protected, protected, lambda n: n)
+                stay = chosen | (members & protected)
+                if tier.merge is not None:
+                    values = self._merge(tier.merge, evaluator, inputs, kept & ~(members & ~stay))
+                kept &= ~(members & ~stay)
+                members = stay
+            tiers = torch.where(members, torch.full_like(tiers, index), tiers)
+            physical |= tier.layout in PHYSICAL_LAYOUTS
+        return LayerDecision(kept=kept, physical=physical, values=values, tiers=tiers)
+
+
+def _state_update(update, probs: torch.Tensor, num_kv: int) -> torch.Tensor:
+    """Evaluate a state's update per new query row: only attn(...) of the new
+    queries is supported here, which is what accumulated-attention methods use."""
+    if not isinstance(update, ir.Signal) or update.name != "attn":
+        raise KvpolicyError("the torch backend accumulates only attn(...) states")
+    from .signals import reduce_group
+
+    grouped = reduce_group(probs.float(), num_kv, update.options["group"])  # [Hkv, n, T]
+    return grouped.transpose(0, 1)  # [n, Hkv, T]

@@ -1,0 +1,103 @@
+"""Signals: the quantities a policy reads from one layer's cache and queries.
+
+All functions take one layer of one sequence in physical slot order:
+    keys, values   [Hkv, T, D]   (keys after RoPE, as cached)
+    valid          [Hkv, T] bool (holes and dropped slots are False)
+    key_pos        [Hkv, T] long logical position of each slot
+    queries        [Hq, Q, D]    the observed query window (after RoPE)
+    query_pos      [Q] long      logical positions of those queries
+and return [Hkv, Q, T] (query-dependent) or [Hkv, 1, T] tensors in float32.
+Query heads map onto kv heads in contiguous groups (GQA): q head h reads kv
+head h // (Hq / Hkv), as in HF transformers and vLLM.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def query_logits(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """q.k / sqrt(d) per query head [Hq, Q, T]; a query sees the valid keys at
+    or before its own position (causal), the rest are -inf."""
+    num_q, num_kv = queries.shape[0], keys.shape[0]
+    group = num_q // num_kv
+    keys_per_q = keys.float().repeat_interleave(group, dim=0)  # [Hq, T, D]
+    logits = torch.matmul(queries.float(), keys_per_q.transpose(1, 2)) / math.sqrt(queries.shape[-1])
+    visible = valid[:, None, :] & (key_pos[:, None, :] <= query_pos[None, :, None])  # [Hkv, Q, T]
+    visible = visible.repeat_interleave(group, dim=0)
+    return logits.masked_fill(~visible, NEG_INF)
+
+
+def reduce_group(per_q_head: torch.Tensor, num_kv: int, how: str) -> torch.Tensor:
+    """[Hq, Q, T] -> [Hkv, Q, T] over each kv head's group of query heads."""
+    num_q, q, t = per_q_head.shape
+    grouped = per_q_head.reshape(num_kv, num_q // num_kv, q, t)
+    if how == "mean":
+        return grouped.mean(dim=1)
+    if how == "sum":
+        return grouped.sum(dim=1)
+    return grouped.amax(dim=1)
+
+
+def reduce_queries(x: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "none":
+        return x
+    if how == "mean":
+        return x.mean(dim=1, keepdim=True)
+    if how == "sum":
+        return x.sum(dim=1, keepdim=True)
+    return x.amax(dim=1, keepdim=True)
+
+
+def attn(logits: torch.Tensor, num_kv: int, group: str, queries: str) -> torch.Tensor:
+    """Attention probabilities (softmax per query head and query row)."""
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return reduce_queries(reduce_group(probs, num_kv, group), queries)
+
+
+def attn_logits(logits: torch.Tensor, num_kv: int, group: str, queries: str) -> torch.Tensor:
+    if group == "max":
+        reduced = reduce_group(logits, num_kv, "max")
+    else:  # mean / sum of logits over the group; masked entries stay -inf
+        reduced = reduce_group(logits.masked_fill(logits == NEG_INF, 0.0), num_kv, group)
+        reduced = reduced.masked_fill(reduce_group(logits, num_kv, "max") == NEG_INF, NEG_INF)
+    return reduce_queries(reduced, queries)
+
+
+def key_norm(keys: torch.Tensor) -> torch.Tensor:
+    return keys.float().norm(dim=-1)[:, None, :]
+
+
+def value_norm(values: torch.Tensor) -> torch.Tensor:
+    return values.float().norm(dim=-1)[:, None, :]
+
+
+def key_sim(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each key to the mean of the head's valid keys (KeyDiff)."""
+    k = keys.float()
+    weights = valid.float()[..., None]
+    mean = (k * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.nn.functional.cosine_similarity(k, mean.expand_as(k), dim=-1, eps=1e-8)[:, None, :]
+
+
+def redundancy(keys: torch.Tensor, valid: torch.Tensor, key_pos: torch.Tensor, threshold: float) -> torch.Tensor:
+    """R-KV redundancy per token: a softmax over tokens of each key's mean
+    cosine similarity to the other keys. Pairs below `threshold` count 0; a
+    token with a similar (>= threshold) later token is a duplicate, and the
+    most recent of a group (no similar later token) counts 0, so it is spared."""
+    k = torch.nn.functional.normalize(keys.float(), dim=-1)
+    sim = torch.matmul(k, k.transpose(1, 2))  # [Hkv, T, T]
+    pair_ok = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)[None]
+    sim = sim.masked_fill(~pair_ok | eye, 0.0)
+    sim = torch.where(sim >= threshold, sim, torch.zeros_like(sim))
+    later = key_pos[:, None, :] > key_pos[:, :, None]  # [h, i, j]: j comes after i
+    has_later_duplicate = ((sim > 0) & later).any(dim=-1)
+    count = valid.float().sum(dim=-1, keepdim=True).clamp(min=1)
+    mean_sim = sim.sum(dim=-1) / count
+    mean_sim = torch.where(has_later_duplicate, mean_sim, torch.zeros_like(mean_sim))
+    scores = torch.softmax(mean_sim.masked_fill(~valid, NEG_INF), dim=-1).nan_to_num(0.0)
+    return scores[:, None, :]
