@@ -21,7 +21,7 @@ def layer_weights(shape: ir.LayerShape | None, num_layers: int) -> list[float]:
         top, bottom = 2 - 1 / shape.beta, 1 / shape.beta
         return [top - (top - bottom) * layer / last for layer in range(num_layers)]
     if shape.kind == "linear":
-        raw = [shape.first + (shape.last - shape.first) * layer / last for layer in range(num_layers)]
+        raw = [shape.start + (shape.end - shape.start) * layer / last for layer in range(num_layers)]
     else:
         if len(shape.weights) != num_layers:
             raise ValueError(f"the by-layer table has {len(shape.weights)} weights but the model has {num_layers} layers")

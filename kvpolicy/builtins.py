@@ -45,7 +45,7 @@ BUILTINS: dict[str, Builtin] = {
         # transforms
         Builtin("softmax", "transform", (Arg("x", "tensor"),), "softmax over held tokens", result="nonneg"),
         Builtin("normalize", "transform", (Arg("x", "tensor"),), "shift so the minimum is 0, then divide by the sum", result="nonneg"),
-        Builtin("log", "transform", (Arg("x", "tensor"),), "natural logarithm (of a non-negative score)", result="real"),
+        Builtin("log", "transform", (Arg("x", "tensor", nonneg=True),), "natural logarithm (of a non-negative score)", result="real"),
         Builtin("exp", "transform", (Arg("x", "tensor"),), "exponential", result="nonneg"),
         Builtin("pool", "transform", (Arg("op", "enum", choices=("max", "mean")), Arg("kernel", "number", "int", low=1, high=4095, odd=True), Arg("x", "tensor")), "1-D pooling along tokens, stride 1, centred window", result="same"),
         Builtin("head_mean", "transform", (Arg("x", "tensor"),), "mean over the kv heads of a layer: every head gets the same score", result="same"),
@@ -57,7 +57,7 @@ BUILTINS: dict[str, Builtin] = {
         # by-layer shapes
         Builtin("uniform", "layer_shape", (), "the same count in every layer"),
         Builtin("pyramid", "layer_shape", (Arg("beta", "number", "float", default=20.0, low=1.0),), "PyramidKV: linear from (2 - 1/beta) x count at layer 0 to count/beta at the last"),
-        Builtin("linear", "layer_shape", (Arg("first", "number", "float", low=0.0), Arg("last", "number", "float", low=0.0)), "weights linear from first (layer 0) to last (last layer)"),
+        Builtin("linear", "layer_shape", (Arg("start", "number", "float", low=0.0), Arg("end", "number", "float", low=0.0)), "weights linear from start (layer 0) to end (last layer)"),
         # calibration solvers
         Builtin("adam", "solver", (Arg("lr", "number", "float", default=0.01), Arg("steps", "number", "int", default=50, low=1, high=100000), Arg("tol", "number", "float", default=0.01)), "Adam on the squared mass error"),
         Builtin("bisect", "solver", (Arg("steps", "number", "int", default=40, low=1, high=100000), Arg("tol", "number", "float", default=0.01)), "bisection on the temperature (mass is monotone in it)"),

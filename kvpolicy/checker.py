@@ -7,13 +7,14 @@ keep sets against caps, schedules and cascades.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from . import ast, ir
 from .builtins import BUILTINS, GRANULARITIES, LAYOUTS, MERGE_TARGETS, RESTRICTABLE, SCOPES, STORES, UNITS
 from .diagnostics import Diagnostic, PolicyError, Source, Span, did_you_mean
 from .syntax import keywords
-from .typecheck import ERROR, ExprChecker, Typed, describe, fmt_number
+from .typecheck import ERROR, MAX_MAGNITUDE, ExprChecker, Typed, describe, fmt_number
 
 MAX_INDEX = 4096  # layer / head indices; no model has more
 
@@ -71,6 +72,8 @@ class _Checker:
 
     def run(self) -> ir.Policy | None:
         statements = self.policy.statements
+        if self.policy.name.name in keywords():
+            self.error(self.policy.name.span, f"'{self.policy.name.name}' is a reserved word; choose another policy name")
         self._collect_definitions(statements)
         self._apply_overrides()
         singles: dict[type, ast.Statement] = {}
@@ -95,7 +98,7 @@ class _Checker:
                 out["calibrations"].append(self._calibrate(st))
             elif isinstance(st, ast.Keep):
                 out["keeps"].append(self._keep(st))
-        self.protected = sum(t.protected for _, t in out["keeps"] if isinstance(t.ir, (ir.First, ir.Last)))
+        self.protected = sum(t.protected for _, t in out["keeps"] if t.kind == "selection")
         keep_names = {}
         for st in statements:
             if isinstance(st, ast.Keep):
@@ -196,8 +199,8 @@ class _Checker:
             return ERROR
         what = f"param {st.name.name}"
         typed = self.expr.check(st.default)
-        if unit in ("tokens", "steps", "int") and typed.value is not None and not float(typed.value).is_integer():
-            self.error(st.default.span, f"{what} must be a whole number of {unit}, got {fmt_number(typed.value)}")
+        if not _whole_if_needed(typed.value, unit):
+            self.error(st.default.span, f"{what} must be {_whole_words(unit)}, got {fmt_number(typed.value)}")
             return ERROR
         default = self.expr.number_value(st.default, typed, unit, what)
         if default is None:
@@ -210,12 +213,15 @@ class _Checker:
             if value is None:
                 self.error(st.default.span, f"{what} must be a number; --set gave '{raw}'")
                 return ERROR
+            if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+                self.error(st.default.span, f"{what} is too large{note}; the limit is {MAX_MAGNITUDE:g}")
+                return ERROR
+            if not _whole_if_needed(value, unit):
+                self.error(st.default.span, f"{what} must be {_whole_words(unit)}, got {fmt_number(value)}{note}")
+                return ERROR
             value = self.expr.value_in_range(st.default.span, value, unit, what, note=note)
             if value is None:
                 return ERROR
-        if unit in ("tokens", "steps") and not float(value).is_integer():
-            self.error(st.default.span, f"{what} must be a whole number of {unit}, got {fmt_number(value)}{note}")
-            return ERROR
         if unit in ("tokens", "steps", "int"):
             value, default = int(value), int(default)
         self.params[st.name.name] = ir.Param(unit=unit, value=value, default=default)
@@ -318,18 +324,20 @@ class _Checker:
         init = 1.0
         if "init" in items:
             init = self.expr.expect_number(items["init"].values[0], "float", "init")
-        clamp = (1e-3, 10.0)
+        clamp, clamp_ok = (1e-3, 10.0), True
         if "clamp" in items:
             lo_node, hi_node = items["clamp"].values
             lo = self.expr.expect_number(lo_node, "float", "the clamp's lower bound")
             hi = self.expr.expect_number(hi_node, "float", "the clamp's upper bound")
+            clamp_ok = lo is not None and hi is not None and 0 < lo < hi
             if lo is not None and hi is not None:
                 if lo <= 0:
                     self.error(lo_node.span, f"the clamp's lower bound must be positive (a temperature), got {fmt_number(lo)}")
                 elif lo >= hi:
                     self.error(items["clamp"].span, f"clamp [{fmt_number(lo)}, {fmt_number(hi)}] is empty: the lower bound must be below the upper")
-                clamp = (lo, hi)
-        if init is not None and not clamp[0] <= init <= clamp[1]:
+                else:
+                    clamp = (lo, hi)
+        if init is not None and clamp_ok and not clamp[0] <= init <= clamp[1]:
             span = items["init"].span if "init" in items else st.name.span
             self.error(span, f"init {fmt_number(init)} is outside the clamp [{fmt_number(clamp[0])}, {fmt_number(clamp[1])}]")
         fit = ir.Fit(kind="once")
@@ -409,13 +417,19 @@ class _Checker:
             return ir.LayerShape(kind="table", weights=tuple(weights))
         typed = self.expr.check(node)
         if typed.kind == "layer_shape":
+            if typed.ir.kind == "linear" and typed.ir.start + typed.ir.end <= 0:
+                self.error(node.span, "linear(start, end) needs a positive weight somewhere")
+                return None
             return typed.ir
         if typed.kind != "error":
-            self.error(node.span, f"'by layer' expects uniform(), pyramid(beta), linear(first, last) or a list of weights; this is {describe(typed)}")
+            self.error(node.span, f"'by layer' expects uniform(), pyramid(beta), linear(start, end) or a list of weights; this is {describe(typed)}")
         return None
 
     def _index_set(self, node: ast.IndexSet, what: str) -> tuple[int, ...] | None:
         if node.items is not None:
+            if not node.items:
+                self.error(node.span, f"an empty list names no {what}")
+                return None
             values = [self.expr.expect_number(item, "int", f"a {what} index", low=0, high=MAX_INDEX) for item in node.items]
             if None in values:
                 return None
@@ -548,7 +562,7 @@ class _Checker:
             ok = False
         select = fields.get("select")
         if isinstance(select, Typed) and fields.get("cap") is not None:
-            self._check_cap([select], fields["cap"], seen["cap"].span, "tier cap", protected=self.protected)
+            self._check_cap([select], fields["cap"], seen["cap"].span, "tier cap", protected=self.protected, per=[fields.get("per", "kv_head")])
         if not ok or any(v is None for k, v in fields.items() if k != "select"):
             return None
         return ir.Tier(
@@ -568,7 +582,7 @@ class _Checker:
     def _whole_policy_rules(self, statements, out, compress, cascade, cap_stmt) -> None:
         keeps = [(k, t) for k, t in out["keeps"] if t.kind == "selection"]
         keep_statements = [st for st in statements if isinstance(st, ast.Keep)]
-        scored = [(k, t, st) for (k, t), st in zip(out["keeps"], keep_statements) if t.kind == "selection" and not isinstance(t.ir, (ir.First, ir.Last))]
+        scored = [(k, t, st) for (k, t), st in zip(out["keeps"], keep_statements) if t.kind == "selection" and not _positional_only(t.ir)]
         if cascade is not None and scored:
             self.error(scored[0][2].span, "with a cascade, scored selection belongs in a tier's 'select'; keep only first/last outside it")
         if (keep_statements or cascade is not None) and compress is None:
@@ -590,7 +604,8 @@ class _Checker:
                 self.error(span, f"a 'per layer' keep lets one head take the layer's whole budget, which can exceed {what} {cap}")
                 return
             if typed.max_tokens is None:
-                self.error(span, f"{what} {cap} can be exceeded: {_selection_words(typed)} has no upper bound; give top_p a limit (top_p(s, p, limit = N))")
+                hint = "give top_p a limit (top_p(s, p, limit = N))" if _has_top_p(typed.ir) else "use top_k, or top_p with a limit"
+                self.error(span, f"{what} {cap} can be exceeded: {_selection_words(typed)} has no upper bound; {hint}")
                 return
             factor = _layer_peak(by_layer[i]) if by_layer and by_layer[i] is not None else 1.0
             most = typed.max_tokens * factor
@@ -602,9 +617,29 @@ class _Checker:
             self.error(span, f"protected tokens ({protected}) fill {what} {cap}; nothing is left to select")
         elif selections and not protected:
             positional = sum(t.protected for t in selections)
-            scored = [t for t in selections if not isinstance(t.ir, (ir.First, ir.Last))]
+            scored = [t for t in selections if not _positional_only(t.ir)]
             if scored and positional >= cap:
                 self.error(span, f"first/last keeps ({positional} tokens) fill {what} {cap}; nothing is left for scored selection")
+
+
+def _positional_only(selection) -> bool:
+    if isinstance(selection, ir.SelectUnion):
+        return all(_positional_only(part) for part in selection.parts)
+    return isinstance(selection, (ir.First, ir.Last))
+
+
+def _has_top_p(selection) -> bool:
+    if isinstance(selection, ir.SelectUnion):
+        return any(_has_top_p(part) for part in selection.parts)
+    return isinstance(selection, ir.TopP)
+
+
+def _whole_if_needed(value, unit: str) -> bool:
+    return value is None or unit not in ("tokens", "steps", "int") or float(value).is_integer()
+
+
+def _whole_words(unit: str) -> str:
+    return "a whole number" if unit == "int" else f"a whole number of {unit}"
 
 
 def _layer_peak(shape: ir.LayerShape) -> float:
@@ -612,8 +647,7 @@ def _layer_peak(shape: ir.LayerShape) -> float:
     if shape.kind == "pyramid":
         return 2 - 1 / shape.beta
     if shape.kind == "linear":
-        mean = (shape.first + shape.last) / 2
-        return max(shape.first, shape.last) / mean if mean > 0 else 1.0
+        return max(shape.start, shape.end) / ((shape.start + shape.end) / 2)
     if shape.kind == "table":
         return max(shape.weights) / (sum(shape.weights) / len(shape.weights))
     return 1.0
@@ -633,10 +667,17 @@ def _keyword(st) -> str:
 
 
 def _parse_override(raw: object) -> float | None:
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
+    """The number an override gives (inf when it is too large for a float); None if it is not one."""
+    if isinstance(raw, bool):
         return None
-    return value if value == value and abs(value) != float("inf") else None
+    if isinstance(raw, (int, float)):
+        try:
+            value = float(raw)
+        except OverflowError:  # an int beyond any float
+            return math.inf
+    else:
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            return None
+    return value if value == value else None  # NaN is not a number

@@ -86,7 +86,7 @@ def explain(policy: ir.Policy, num_layers: int | None = None) -> str:
         for keep in policy.keeps:
             out.append(f"  {keep.name}: {selection_text(keep.select)}{_keep_scope(keep)}")
             if keep.by_layer is not None and isinstance(keep.select, ir.TopK):
-                layers = num_layers or 8
+                layers = num_layers or (len(keep.by_layer.weights) if keep.by_layer.kind == "table" else 8)
                 counts = layer_counts(keep.select.count, keep.by_layer, layers)
                 out.append(f"    by layer ({keep.by_layer.kind}, {layers} layers): {', '.join(map(str, counts))}")
     if policy.cap is not None:

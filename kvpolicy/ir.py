@@ -138,8 +138,8 @@ class LayerShape(Node):
 
     kind: Literal["uniform", "pyramid", "linear", "table"]
     beta: float | None = None  # pyramid: the last layer gets count / beta
-    first: float | None = None  # linear: relative weight of layer 0 ...
-    last: float | None = None  # ... and of the last layer
+    start: float | None = None  # linear: relative weight of layer 0 ...
+    end: float | None = None  # ... and of the last layer
     weights: tuple[float, ...] | None = None  # table: one weight per layer
 
 

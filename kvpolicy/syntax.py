@@ -102,6 +102,12 @@ def _screen(text: str | bytes, filename: str) -> tuple[Source, Diagnostic | None
     source = Source(text, filename)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         return source, _too_large(len(text))
+    try:  # a str may hold lone surrogates (bytes never decode to them); not text, and not JSON-serializable
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        before = text[: err.start]
+        line, col = before.count("\n") + 1, err.start - (before.rfind("\n") + 1) + 1
+        return source, Diagnostic(Span.point(line, col), f"invalid character U+{ord(text[err.start]):04X} (a lone surrogate); a policy is Unicode text")
     if not text.strip():
         return source, Diagnostic(NOWHERE, "empty policy; expected 'policy NAME { ... }'")
     return source, _nesting_error(text)

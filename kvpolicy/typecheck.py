@@ -47,7 +47,7 @@ KIND_WORDS = {
 
 def describe(t: Typed) -> str:
     if t.kind == "number" and t.unit:
-        return {"prob": "a prob", "int": "an int", "float": "a float"}.get(t.unit, t.unit)
+        return {"prob": "a prob", "int": "an int", "float": "a float", "tokens": "a count in tokens", "steps": "a number of steps"}[t.unit]
     return KIND_WORDS.get(t.kind, t.kind)
 
 
@@ -163,11 +163,13 @@ class ExprChecker:
             self.error(node.span, f"cannot multiply {a} by {b}")
             return False
         # division
+        if b is None:
+            return a  # by a plain literal: `p / 2` is still a prob, as `p * 0.5` is
         if b in DIMENSIONLESS:
-            return a if a not in DIMENSIONLESS else ("float" if (a, b) != (None, None) else None)
+            return a if a not in DIMENSIONLESS else "float"
         if a == b:
             return "float"  # a ratio of like quantities
-        self.error(node.span, f"cannot divide {a} by {b}")
+        self.error(node.span, f"cannot divide {a or 'a plain number'} by {b}")
         return False
 
     def _tensor_arith(self, node: ast.Binary, left: Typed, right: Typed) -> Typed:
@@ -237,6 +239,9 @@ class ExprChecker:
             return None
         if typed.value is None:
             self.error(node.span, f"{what} must be known before run time")
+            return None
+        if isinstance(node, ast.Number) and unit in ("tokens", "steps", "int") and not float(typed.value).is_integer():
+            self.error(node.span, f"{what} must be a whole number, got {node.text}")
             return None
         return self.value_in_range(node.span, typed.value, unit, what, low, high)
 
@@ -324,14 +329,15 @@ class ExprChecker:
 
     def _check_arg(self, node: ast.Call, builtin: Builtin, arg: Arg, given: ast.Expr | None):
         numbers = [a for a in builtin.args if a.kind == "number"]
-        what = builtin.name if len(numbers) == 1 else f"{builtin.name}'s {arg.name}"
+        what = builtin.name if builtin.role in ("selection", "count") and arg is numbers[0] else f"{builtin.name}'s {arg.name}"
         if given is None:
             return arg.default
         if arg.kind == "enum":
-            if not isinstance(given, ast.Name) or given.name not in arg.choices:
-                word = given.name if isinstance(given, ast.Name) else "this"
-                hint = did_you_mean(word, arg.choices) if isinstance(given, ast.Name) else ""
-                self.error(given.span, f"unknown {arg.name} '{word}' for {builtin.name}; expected {_or(arg.choices)}{hint}")
+            if not isinstance(given, ast.Name):
+                self.error(given.span, f"{builtin.name}'s {arg.name} is one of the words {_or(arg.choices)}, not an expression")
+                return None
+            if given.name not in arg.choices:
+                self.error(given.span, f"unknown {arg.name} '{given.name}' for {builtin.name}; expected {_or(arg.choices)}{did_you_mean(given.name, arg.choices)}")
                 return None
             return given.name
         if arg.kind == "number":

@@ -55,7 +55,7 @@ def test_manifest_has_compiler_version():
 
 @pytest.mark.parametrize(
     "shape",
-    [None, ir.LayerShape(kind="pyramid", beta=5.0), ir.LayerShape(kind="linear", first=1.0, last=3.0), ir.LayerShape(kind="table", weights=(1.0, 0.0, 2.0, 1.0))],
+    [None, ir.LayerShape(kind="pyramid", beta=5.0), ir.LayerShape(kind="linear", start=1.0, end=3.0), ir.LayerShape(kind="table", weights=(1.0, 0.0, 2.0, 1.0))],
 )
 def test_layer_weights_have_mean_one(shape):
     weights = budgets.layer_weights(shape, 4)
@@ -63,8 +63,8 @@ def test_layer_weights_have_mean_one(shape):
 
 
 def test_linear_shape_direct_formula():
-    # first = 1, last = 3 over 3 layers: raw 1, 2, 3 with mean 2.
-    assert budgets.layer_weights(ir.LayerShape(kind="linear", first=1.0, last=3.0), 3) == [0.5, 1.0, 1.5]
+    # start = 1, end = 3 over 3 layers: raw 1, 2, 3 with mean 2.
+    assert budgets.layer_weights(ir.LayerShape(kind="linear", start=1.0, end=3.0), 3) == [0.5, 1.0, 1.5]
 
 
 def test_table_of_wrong_length():

@@ -1,6 +1,6 @@
 """The HF transformers engine: a Cache that applies a policy for real, the
 attention function that feeds it, and greedy generation with stats."""
 from .cache import PolicyCache, PolicyLayer
-from .generate import Result, Stats, generate, prepare
+from .decoding import Result, Stats, encode, generate, prepare
 
-__all__ = ["PolicyCache", "PolicyLayer", "Result", "Stats", "generate", "prepare"]
+__all__ = ["PolicyCache", "PolicyLayer", "Result", "Stats", "encode", "generate", "prepare"]
