@@ -31,7 +31,8 @@ class Stats:
     peak_kv_bytes: int  # most bytes held at any point after prefill compression
     prefill_seconds: float
     decode_seconds: float
-    compress_seconds: float
+    compress_seconds: float  # all compression, prefill included
+    decode_compress_seconds: float  # compression during decoding (inside decode_seconds)
     compressions: int
     temperatures: dict = field(default_factory=dict)  # (name, layer) -> [Hkv] fitted values
 
@@ -114,8 +115,8 @@ def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bo
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         compress_seconds=cache.compress_seconds,
+        decode_compress_seconds=cache.compress_seconds - compress_before,
         compressions=cache.compressions,
         temperatures=dict(cache.run.temperatures),
     )
-    del compress_before
     return Result(text=tok.decode(generated, skip_special_tokens=True), tokens=generated, stats=stats)

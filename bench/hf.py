@@ -1,0 +1,65 @@
+"""Benchmark: policies on SmolLM2 in the HF engine, against the full cache
+run in the same process (not a test; prints ratios).
+
+    python -m bench.hf [--tokens 4096] [--fraction 0.25] [--new 64] [--policies snapkv,h2o,...]
+
+For each policy: KV bytes held at the end vs full, how far the fullest head
+is over the budget (target: within one 128-token block), decode tokens/s vs
+full, and compression time as a share of decode time (target < 10%).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import kvpolicy
+from kvpolicy.backends.hf import generate
+from kvpolicy.texts import english_text
+
+DEFAULT = "snapkv,pyramidkv,adakv,tova,knorm,streaming_llm,h2o,rkv,topp,hardkv"
+BLOCK = 128  # vLLM CPU block size: the unit a paged engine frees memory in
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--new", type=int, default=64, help="tokens to decode")
+    parser.add_argument("--policies", default=DEFAULT)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tok = kvpolicy.models.load("smollm2-135m")
+    ids = tok(english_text(args.tokens * 6), return_tensors="pt").input_ids[:, : args.tokens]
+    budget = int(args.tokens * args.fraction)
+    print(f"SmolLM2-135M, {ids.shape[1]}-token prompt, {args.new} decoded tokens, budget {budget} ({args.fraction:.0%}), {args.threads} threads")
+
+    rows = []
+    for name in ["full"] + [n for n in args.policies.split(",") if n]:
+        base = kvpolicy.load(name)
+        params = {"budget": budget} if "budget" in base.ir.params else {}
+        print(f"  {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        res = generate(model, tok, ids, policy=base.with_params(**params), max_new_tokens=args.new, stop_at_eos=False)
+        rows.append((name, res.stats, time.perf_counter() - start))
+
+    full = rows[0][1]
+    print(f"\n{'policy':<14} {'KV MiB':>7} {'of full':>8} {'max/head':>9} {'over budget':>12} {'decode tok/s':>13} {'vs full':>8} {'compress/decode':>16}")
+    for name, s, _ in rows:
+        most = max(max(layer) for layer in s.kept)
+        over = most - (budget + s.new_tokens - 1)
+        over_text = "-" if name in ("full", "topp", "hardkv") else f"{over:+d} {'ok' if over <= BLOCK else 'OVER'}"
+        share = s.decode_compress_seconds / s.decode_seconds if s.decode_seconds else 0.0
+        print(
+            f"{name:<14} {s.kv_bytes / 2**20:>7.1f} {s.kv_fraction:>8.1%} {most:>9} {over_text:>12} "
+            f"{s.decode_tokens_per_second:>13.1f} {s.decode_tokens_per_second / full.decode_tokens_per_second:>7.2f}x {share:>15.1%}"
+        )
+    print("\ntopp and hardkv size each head by its attention (top-p), not by the budget.")
+
+
+if __name__ == "__main__":
+    main()
