@@ -82,3 +82,18 @@ def test_policy_that_does_not_fit_the_model(model_tok, tmp_path):
         prepare(model, pol)
     text = info.value.render()
     assert f"{path}:4:3: error: keep 'k' names layer 30, but" in text and "has 30 layers (0..29)" in text
+
+
+def test_teacher_forced_scores_match_one_full_forward(model_tok):
+    model, tok = model_tok
+    ids = tok(prose(800), return_tensors="pt").input_ids
+    prompt, continuation = ids[:, :-12], ids[0, -12:].tolist()
+    scored = kvpolicy.hf.score(model, prompt, continuation, policy="full")
+    model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        reference = torch.log_softmax(model(ids).logits[0, -13:-1].float(), dim=-1)
+    assert scored.logprobs.shape == reference.shape
+    assert torch.allclose(scored.logprobs, reference, atol=1e-3)
+    compressed = kvpolicy.hf.score(model, prompt, continuation, policy=kvpolicy.load("snapkv", budget=64, window=16))
+    kl = (reference.exp() * (reference - compressed.logprobs)).sum(-1)
+    assert (kl >= -1e-5).all() and kl.mean() > 1e-4  # compression changes the distribution, measurably

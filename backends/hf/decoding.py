@@ -78,36 +78,74 @@ def encode(tok, prompt, chat: bool) -> torch.Tensor:
     return tok(prompt, return_tensors="pt").input_ids
 
 
+@dataclass
+class Scored:
+    """Teacher-forced continuation: log-probabilities the model gave each
+    continuation token's position (row i predicts continuation[i])."""
+
+    logprobs: torch.Tensor  # [n, vocab] float32
+    stats: Stats
+
+
 @torch.inference_mode()
 def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bool = False, stop_at_eos: bool = True) -> Result:
-    engine = prepare(model, policy)
-    input_ids = encode(tok, prompt, chat)
-    cache = PolicyCache(engine)
+    """Greedy decoding of one prompt under a policy."""
     eos = tok.eos_token_id
-    generated: list[int] = []
-    peak = 0
+
+    def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
+        token = int(logits.argmax())
+        return token, step == max_new_tokens or (stop_at_eos and token == eos)
+
+    generated, _, stats = _decode(model, prepare(model, policy), encode(tok, prompt, chat), choose, keep_logits=False)
+    return Result(text=tok.decode(generated, skip_special_tokens=True), tokens=generated, stats=stats)
+
+
+@torch.inference_mode()
+def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None) -> Scored:
+    """Feed `continuation` after the prompt (teacher forcing) under a policy,
+    compressing on its schedule, and return the model's log-probabilities."""
+    if not continuation:
+        raise ValueError("score needs at least one continuation token")
+
+    def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
+        return continuation[step - 1], step == len(continuation)
+
+    _, logits, stats = _decode(model, prepare(model, policy), encode(None, prompt_ids, False), choose, keep_logits=True)
+    return Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
+
+
+def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool):
+    """Prefill, compress, then one token at a time: `choose(step, logits)`
+    gives (token, last?) for step 1, 2, ..."""
+    cache = PolicyCache(engine)
+    tokens: list[int] = []
+    kept_logits: list[torch.Tensor] = []
     with attention.active(cache):
         start = time.perf_counter()
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         cache.compress("prefill")
         prefill_seconds = time.perf_counter() - start
         peak = cache.kv_bytes()
-        next_token = int(out.logits[0, -1].argmax())
         decode_start = time.perf_counter()
         compress_before = cache.compress_seconds
-        for step in range(1, max_new_tokens + 1):
-            generated.append(next_token)
-            if step == max_new_tokens or (stop_at_eos and next_token == eos):
+        step = 1
+        while True:
+            logits = out.logits[0, -1]
+            if keep_logits:
+                kept_logits.append(logits.clone())
+            token, last = choose(step, logits)
+            tokens.append(token)
+            if last:
                 break
             cache.run.decode_step = step
-            out = model(input_ids=torch.tensor([[next_token]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
             cache.compress("decode")
             peak = max(peak, cache.kv_bytes())
-            next_token = int(out.logits[0, -1].argmax())
+            step += 1
         decode_seconds = time.perf_counter() - decode_start
     stats = Stats(
         prompt_tokens=int(input_ids.shape[1]),
-        new_tokens=len(generated),
+        new_tokens=len(tokens),
         kept=cache.kept_counts(),
         kv_bytes=cache.kv_bytes(),
         kv_bytes_full=cache.kv_bytes_full(),
@@ -119,4 +157,4 @@ def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bo
         compressions=cache.compressions,
         temperatures=dict(cache.run.temperatures),
     )
-    return Result(text=tok.decode(generated, skip_special_tokens=True), tokens=generated, stats=stats)
+    return tokens, kept_logits, stats

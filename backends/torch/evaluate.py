@@ -60,7 +60,7 @@ class Evaluator:
         """[Hkv, T]: the expression averaged over observed queries; -inf where invalid."""
         value = self.tensor(expr)
         finite = torch.isfinite(value)
-        mean = torch.where(finite, value, torch.zeros_like(value)).sum(dim=1) / finite.sum(dim=1).clamp(min=1)
+        mean = signals.sum_over(torch.where(finite, value, torch.zeros_like(value)), 1) / finite.sum(dim=1).clamp(min=1)
         all_masked = ~finite.any(dim=1)
         mean = torch.where(all_masked, value.amax(dim=1), mean)  # every row -inf stays -inf
         return mean.masked_fill(~self.inputs.valid, NEG_INF)
@@ -174,7 +174,7 @@ def pool(x: torch.Tensor, valid: torch.Tensor, op: str, kernel: int) -> torch.Te
 def head_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over the kv heads of a layer (each slot over the heads where it is valid)."""
     usable = valid & torch.isfinite(x)
-    total = torch.where(usable, x, torch.zeros_like(x)).sum(dim=0, keepdim=True)
+    total = signals.sum_over(torch.where(usable, x, torch.zeros_like(x)), 0, keepdim=True)
     count = usable.float().sum(dim=0, keepdim=True)
     mean = total / count.clamp(min=1)
     return mean.expand_as(x).masked_fill(~valid, 0.0)

@@ -31,14 +31,24 @@ def query_logits(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
     return logits.masked_fill(~visible, NEG_INF)
 
 
+def sum_over(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """x.sum(dim) rounded the same way at every token position. torch's sum
+    over an outer axis rounds differently at different positions of the inner
+    (token) axis, so exactly tied tokens would come out unequal and the
+    "ties go to the earlier token" rule would be decided by float noise;
+    summing a contiguous innermost axis rounds every token alike."""
+    out = x.movedim(dim, -1).contiguous().sum(dim=-1)
+    return out.unsqueeze(dim) if keepdim else out
+
+
 def reduce_group(per_q_head: torch.Tensor, num_kv: int, how: str) -> torch.Tensor:
     """[Hq, Q, T] -> [Hkv, Q, T] over each kv head's group of query heads."""
     num_q, q, t = per_q_head.shape
     grouped = per_q_head.reshape(num_kv, num_q // num_kv, q, t)
     if how == "mean":
-        return grouped.mean(dim=1)
+        return sum_over(grouped, 1) / grouped.shape[1]
     if how == "sum":
-        return grouped.sum(dim=1)
+        return sum_over(grouped, 1)
     return grouped.amax(dim=1)
 
 
@@ -46,9 +56,9 @@ def reduce_queries(x: torch.Tensor, how: str) -> torch.Tensor:
     if how == "none":
         return x
     if how == "mean":
-        return x.mean(dim=1, keepdim=True)
+        return sum_over(x, 1, keepdim=True) / x.shape[1]
     if how == "sum":
-        return x.sum(dim=1, keepdim=True)
+        return sum_over(x, 1, keepdim=True)
     return x.amax(dim=1, keepdim=True)
 
 
