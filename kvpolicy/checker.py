@@ -199,7 +199,9 @@ class _Checker:
             return ERROR
         what = f"param {st.name.name}"
         typed = self.expr.check(st.default)
-        if not _whole_if_needed(typed.value, unit):
+        # A written number must be whole; a computed one (budget / 2) rounds down like any count.
+        literal = isinstance(st.default, (ast.Number, ast.Neg))
+        if literal and not _whole_if_needed(typed.value, unit):
             self.error(st.default.span, f"{what} must be {_whole_words(unit)}, got {fmt_number(typed.value)}")
             return ERROR
         default = self.expr.number_value(st.default, typed, unit, what)

@@ -86,11 +86,14 @@ def value_norm(values: torch.Tensor) -> torch.Tensor:
 
 
 def key_sim(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each key to the mean of the head's valid keys (KeyDiff)."""
-    k = keys.float()
+    """Cosine similarity of each key to the anchor: the mean of the head's valid
+    keys after L2 normalisation (KeyDiff, as the paper and kvpress define it)."""
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     weights = valid.float()[..., None]
-    mean = (k * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1)
-    return torch.nn.functional.cosine_similarity(k, mean.expand_as(k), dim=-1, eps=1e-8)[:, None, :]
+    anchor = (unit * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    anchor = torch.nn.functional.normalize(anchor, dim=-1)
+    # An innermost-axis dot product rounds every token alike, so equal keys tie exactly.
+    return (unit * anchor).sum(dim=-1)[:, None, :]
 
 
 def redundancy(keys: torch.Tensor, valid: torch.Tensor, key_pos: torch.Tensor, threshold: float) -> torch.Tensor:
