@@ -195,7 +195,7 @@ class _Checker:
     def _param(self, st: ast.Param) -> Typed:
         unit = st.unit.name
         if unit not in UNITS:
-            self.error(st.unit.span, f"unknown unit '{unit}'{did_you_mean(unit, UNITS)}; units are {', '.join(UNITS)}")
+            self.error(st.unit.span, f"unknown unit '{unit}' (units are {', '.join(UNITS)}){did_you_mean(unit, UNITS)}")
             return ERROR
         what = f"param {st.name.name}"
         typed = self.expr.check(st.default)

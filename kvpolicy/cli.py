@@ -28,6 +28,7 @@ class UsageError(KvpolicyError):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return args.run(args)
     except UsageError as err:
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvpolicy: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # e.g. an output directory that cannot be created
+        where = f": {err.filename}" if err.filename else ""
+        print(f"kvpolicy: error: {err.strerror or err}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
 
@@ -76,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="the shipped policies, one line each")
     lst.set_defaults(run=cmd_list)
+
+    from .evaluate.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 

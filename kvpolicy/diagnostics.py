@@ -54,7 +54,8 @@ class Diagnostic:
         head = f"{filename}:{self.span.line}:{self.span.col}: error: {self.message}"
         if source is None:
             return head
-        text = source.line_text(self.span.line)
+        # Control characters (a NUL, say) would garble the terminal: show them as '?'.
+        text = "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in source.line_text(self.span.line))
         if not text.strip() or len(text) > 300:
             return head
         width = (self.span.end_col if self.span.end_line == self.span.line else len(text) + 1) - self.span.col

@@ -16,7 +16,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from . import ast
 from .diagnostics import NOWHERE, Diagnostic, PolicyError, Source, Span, did_you_mean
 
-MAX_BYTES = 1 << 20  # a policy is a screenful; 1 MiB is generous and bounds parse time
+MAX_BYTES = 64 << 10  # a policy is a screenful; 64 KiB is generous and bounds parse time (~1 s)
 MAX_NESTING = 64  # brackets deeper than this are an error, not a stack overflow
 # Operators chained in one expression (`1 + 1 + ... + 1`, `- - - x`, `a | b | ...`)
 # nest the tree without brackets; deeper than this is an error, since the
@@ -59,10 +59,13 @@ def parse(text: str | bytes, filename: str = "<string>") -> ast.Policy:
     too_deep = _expression_depth_error(tree)
     if too_deep:
         raise PolicyError([too_deep], source)
+    builder = _ToAst()
     try:
-        policy = _ToAst().transform(tree)
+        policy = builder.transform(tree)
     except RecursionError:
         raise PolicyError([Diagnostic(NOWHERE, "policy is nested too deeply to check")], source) from None
+    if builder.problems:
+        raise PolicyError(builder.problems, source)
     return ast.Policy(policy.name, policy.doc, policy.statements, policy.span, tuple(comments))
 
 
@@ -99,6 +102,7 @@ def _screen(text: str | bytes, filename: str) -> tuple[Source, Diagnostic | None
             col = len(good) - (good.rfind("\n") + 1) + 1
             source = Source(good, filename)
             return source, Diagnostic(Span.point(line, col), f"invalid UTF-8 (byte 0x{text[err.start]:02x}); a policy is UTF-8 text")
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     source = Source(text, filename)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         return source, _too_large(len(text))
@@ -310,7 +314,12 @@ def _ident(token: Token) -> ast.Ident:
 
 @v_args(meta=True)
 class _ToAst(Transformer):
-    """Builds ast nodes bottom-up; one method per grammar rule or alias."""
+    """Builds ast nodes bottom-up; one method per grammar rule or alias.
+    Problems the grammar cannot express are collected in `problems`."""
+
+    def __init__(self):
+        super().__init__()
+        self.problems: list[Diagnostic] = []
 
     def start(self, meta, children):
         return children[0]
@@ -476,6 +485,13 @@ class _ToAst(Transformer):
     def call(self, meta, c):
         name, *args = c
         args = [a for a in args if a is not None]  # `f()` yields one placeholder
+        seen_keyword = False
+        for arg in args:
+            if isinstance(arg, ast.KwArg):
+                seen_keyword = True
+            elif seen_keyword:
+                self.problems.append(Diagnostic(arg.span, "a positional argument cannot follow a keyword argument"))
+                break
         positional = tuple(a for a in args if not isinstance(a, ast.KwArg))
         keywords_ = tuple(a for a in args if isinstance(a, ast.KwArg))
         return ast.Call(str(name), positional, keywords_, _span(meta), _tok_span(name))
