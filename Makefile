@@ -8,7 +8,7 @@ TORCH   := torch==2.13.0
 WHEELS  := $(wildcard /opt/wheels)
 PIPFLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench peer clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,22 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m bench.compile
+
+# Peer comparison against kvpress (issue 4). kvpress needs transformers<5.3,
+# so it lives in its own venv; kvpolicy is not installed there: the peer side
+# is the standalone script bench/peer_kvpress.py, driven by bench/peer.py.
+PEER     := .venv-peer
+PEERPKGS := kvpress==0.5.5 transformers==5.2.0
+
+$(PEER)/.installed: Makefile
+	test -x $(PEER)/bin/python || $(PY) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install -q --upgrade pip
+	$(PEER)/bin/pip install -q $(PIPFLAGS) $(TORCH)
+	$(PEER)/bin/pip install -q $(PIPFLAGS) $(TORCH) $(PEERPKGS)
+	touch $@
+
+peer: venv $(PEER)/.installed
+	$(BIN)/python -m bench.peer
 
 clean:
 	rm -rf $(VENV) build *.egg-info

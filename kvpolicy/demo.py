@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import library
+from .errors import KvpolicyError
 from .explain import explain
 from .manifest import write_manifest
 from .policy import compile_text
@@ -65,9 +66,12 @@ def main() -> None:
     parser.add_argument("--budget-fraction", type=float, default=0.25)
     parser.add_argument("--no-model", action="store_true", help="only compile and explain")
     args = parser.parse_args()
-    compile_all(Path("build/demo"))
-    if not args.no_model:
-        run_model(args.tokens, args.budget_fraction)
+    try:
+        compile_all(Path("build/demo"))
+        if not args.no_model:
+            run_model(args.tokens, args.budget_fraction)
+    except KvpolicyError as err:  # e.g. the model package is missing: say what to do
+        sys.exit(f"kvpolicy demo: error: {err}")
 
 
 if __name__ == "__main__":
