@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvpolicy: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`, say
+        return EXIT_OK
     except OSError as err:  # e.g. an output directory that cannot be created
         where = f": {err.filename}" if err.filename else ""
         print(f"kvpolicy: error: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:
-        return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,296 @@
+"""Equal physical KV memory: a memory fraction -> each policy's params.
+
+`--memory 0.25` means every policy holds ~25% of the bytes a full cache holds
+for the same context. How a policy gets there depends on what sizes it:
+
+- reference  `full` (a policy that never compresses): holds 100%, run once.
+- fixed      every kv head keeps a fixed count (`budget`, the same for all
+             heads of a layer; per-layer shapes average to it): budget =
+             fraction x context tokens. The bytes each run holds are still
+             measured and reported.
+- search     the count depends on the input: top-p / threshold selections
+             (topp, hardkv) or a budget shared by the heads of a layer
+             (adakv). The HF cache holds, per layer, as many slots as its
+             fullest head (flatten_max), so the bytes held are measured on
+             the first sample for candidate values of the size param
+             (`budget`, else `p`) until they are within tolerance of the
+             target (or the probes run out: the closest is used).
+- unsized    no size param (e.g. kivi): runs unchanged; bytes measured.
+
+Two adjustments keep a policy valid and physical at small budgets, and are
+said in the setting's explanation: a `window` that would fill the budget is
+halved to fit, and a cascade's `condense` interval is set to 1 so its prefill
+compression frees memory (hardkv's default 2 only masks at prefill, holding
+100% until the second compression, 128 decode steps later).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from kvpolicy import ir
+from kvpolicy.diagnostics import PolicyError
+from kvpolicy.errors import KvpolicyError
+
+TOLERANCE_ABS, TOLERANCE_REL = 0.005, 0.03
+MAX_PROBES = 7
+P_RANGE = (0.5, 1 - 1e-6)
+
+
+class SizingError(KvpolicyError):
+    """A policy cannot be sized to a memory fraction."""
+
+
+@dataclass
+class Setting:
+    """How one policy was sized for one memory fraction."""
+
+    policy: str  # the label the user gave (name or path)
+    memory: float  # the requested fraction of full KV bytes
+    method: str  # reference | fixed | search | unsized
+    params: dict = field(default_factory=dict)  # params the harness set
+    how: str = ""  # in words, for the report
+    measured: float | None = None  # held fraction measured after prefill (search only)
+    probes: list = field(default_factory=list)  # [(value, held fraction)] of the search
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> "Setting":
+        data = dict(data)
+        data["probes"] = [tuple(p) for p in data.get("probes", [])]
+        return Setting(**data)
+
+
+def tolerance(target: float) -> float:
+    return max(TOLERANCE_ABS, TOLERANCE_REL * target)
+
+
+# ----------------------------------------------------------------- classify
+
+
+def _selections(sel) -> list:
+    if sel is None:
+        return []
+    if isinstance(sel, ir.SelectUnion):
+        return [s for part in sel.parts for s in _selections(part)]
+    return [sel]
+
+
+def input_dependent(policy_ir: ir.Policy) -> bool:
+    """True when how many tokens a layer holds depends on the input."""
+    sels = [s for k in policy_ir.keeps for s in _selections(k.select)]
+    sels += [s for t in policy_ir.cascade for s in _selections(t.select)]
+    if any(isinstance(s, (ir.TopP, ir.Threshold)) for s in sels):
+        return True
+    return any(k.per == "layer" for k in policy_ir.keeps) or any(t.per == "layer" for t in policy_ir.cascade)
+
+
+def classify(policy) -> str:
+    pir = policy.ir
+    if not pir.compresses and not pir.cascade:
+        return "reference" if policy.name == "full" else "unsized"
+    params = pir.params
+    has_budget = "budget" in params and params["budget"].unit == "tokens"
+    if not input_dependent(pir):
+        return "fixed" if has_budget else "unsized"
+    if has_budget or ("p" in params and params["p"].unit == "prob"):
+        return "search"
+    return "unsized"
+
+
+def knob(policy) -> str | None:
+    """The param a search moves: `budget` when there is one, else `p`."""
+    params = policy.ir.params
+    if "budget" in params and params["budget"].unit == "tokens":
+        return "budget"
+    if "p" in params and params["p"].unit == "prob":
+        return "p"
+    return None
+
+
+# ----------------------------------------------------------------- params
+
+
+def adjustments(policy) -> tuple[dict, list[str]]:
+    """Params set whatever the fraction (see the module doc)."""
+    params = policy.ir.params
+    if policy.ir.cascade and "condense" in params and params["condense"].value != 1:
+        return {"condense": 1}, [
+            f"condense=1 (default {params['condense'].value} only masks at the prefill compression, "
+            "holding 100% until the next one)"
+        ]
+    return {}, []
+
+
+def sized(policy, params: dict):
+    """policy.with_params(**params), halving `window` if it fills the budget.
+    Returns (policy, the params actually set, notes)."""
+    try:
+        return policy.with_params(**params), dict(params), []
+    except PolicyError as err:
+        first = err
+    budget = params.get("budget")
+    if budget is not None and "window" in policy.ir.params and "window" not in params:
+        window = max(1, int(budget) // 2)
+        if window < policy.ir.params["window"].value:
+            params2 = dict(params, window=window)
+            try:
+                note = f"window={window} (default {policy.ir.params['window'].value} fills budget {budget})"
+                return policy.with_params(**params2), params2, [note]
+            except PolicyError:
+                pass
+    message = first.diagnostics[0].message if first.diagnostics else str(first)
+    raise SizingError(f"{policy.name} cannot be sized to {params}: {message}")
+
+
+def fixed_budget(fraction: float, context: int) -> int:
+    return max(1, round(fraction * context))
+
+
+def plan_fixed(label: str, policy, fraction: float, context: int) -> tuple[Setting, object]:
+    """Setting and sized policy for reference, fixed and unsized policies."""
+    method = classify(policy)
+    if method == "reference":
+        return Setting(label, 1.0, method, {}, "reference: holds every token"), policy
+    extra, notes = adjustments(policy)
+    if method == "unsized":
+        sized_policy, params, more = sized(policy, extra)
+        how = "; ".join(["no size param: runs with its own params"] + notes + more)
+        return Setting(label, fraction, method, params, how), sized_policy
+    if method != "fixed":
+        raise ValueError(f"{label} needs a measured search")
+    budget = fixed_budget(fraction, context)
+    sized_policy, params, more = sized(policy, dict(extra, budget=budget))
+    how = "; ".join([f"budget={budget} (= {fraction:g} x {context} tokens)"] + notes + more)
+    return Setting(label, fraction, method, params, how), sized_policy
+
+
+# ----------------------------------------------------------------- search
+
+
+def search(measure: Callable[[float], float], target: float, x0: float, lo: float, hi: float,
+           integer: bool, max_probes: int = MAX_PROBES, known: dict | None = None) -> tuple[float, float, list[tuple[float, float]]]:
+    """Find x in [lo, hi] whose measured held fraction is closest to target,
+    for a measure that grows with x. Budgets (integer) step proportionally
+    (bytes ~ budget); probabilities move in u = -ln(1 - p). Once the target
+    is bracketed, the next probe interpolates linearly between the closest
+    probes on either side. The search stops early when the measure no longer
+    moves (a plateau: the target cannot be reached with this param).
+    `known` holds probes already measured. Returns (x, held, probes)."""
+    if integer:
+        to_u, from_u = float, lambda u: float(min(hi, max(lo, round(u))))
+    else:
+        to_u = lambda x: -math.log(1 - x)  # noqa: E731
+        from_u = lambda u: round(min(hi, max(lo, 1 - math.exp(-u))), 6)  # noqa: E731
+    probes: dict[float, float] = dict(known or {})
+    budget = max_probes + len(probes)
+    tol = tolerance(target)
+
+    def probe(x: float) -> None:
+        if x not in probes and len(probes) < budget:
+            probes[x] = float(measure(x))
+
+    def best() -> tuple[float, float]:
+        return min(probes.items(), key=lambda item: (abs(item[1] - target), item[1]))
+
+    probe(from_u(to_u(x0)))
+    while len(probes) < budget:
+        bx, bh = best()
+        if abs(bh - target) <= tol:
+            break
+        below = sorted((x, h) for x, h in probes.items() if h < target)
+        above = sorted((x, h) for x, h in probes.items() if h > target)
+        if below and above:
+            (xl, hl), (xh, hh) = below[-1], above[0]
+            ul, uh = to_u(xl), to_u(xh)
+            u = ul + (target - hl) * (uh - ul) / (hh - hl) if hh > hl else (ul + uh) / 2
+            nxt = from_u(u)
+            if nxt in probes:  # interpolation stalls: bisect
+                nxt = from_u((ul + uh) / 2)
+            if nxt in probes:
+                break  # integer steps exhausted
+        else:
+            side = below if below else above
+            if len(side) >= 2:
+                (_, h1), (_, h2) = (side[-2], side[-1]) if below else (side[0], side[1])
+                if abs(h2 - h1) < tol / 4:
+                    break  # a plateau: more of this param does not change the bytes held
+            x, h = side[-1] if below else side[0]
+            if integer:
+                nxt = from_u(x * target / h if h > 0 else x * 2)
+            else:
+                nxt = from_u(to_u(x) + (1.5 if below else -1.5))
+            if nxt in probes:
+                break  # at the end of the range: the target cannot be reached
+        probe(nxt)
+    x, held = best()
+    return x, held, sorted(probes.items())
+
+
+def cap_of(policy) -> int | None:
+    """The most tokens a kv head may hold, if the policy states a cap."""
+    caps = [c for c in [policy.ir.cap, *(t.cap for t in policy.ir.cascade)] if c is not None]
+    return max(caps) if caps else None
+
+
+def plan_search(label: str, policy, fraction: float, context: int, measure_policy) -> tuple[Setting, object]:
+    """Measured search; measure_policy(policy) -> held fraction after prefill.
+
+    A policy with a capped budget and a `p` (hardkv: cap 2 x budget + window)
+    first gets the largest budget whose cap fits the target, so no head can
+    exceed it; when top-p keeps fewer tokens than that, `p` is raised until
+    the bytes held reach the target. Otherwise the one size param is searched."""
+    extra, notes = adjustments(policy)
+    params = policy.ir.params
+    target_tokens = max(1, round(fraction * context))
+    cache: dict[tuple, tuple] = {}
+
+    def build(**values):
+        key = tuple(sorted(values.items()))
+        if key not in cache:
+            cache[key] = sized(policy, dict(extra, **values))
+        return cache[key]
+
+    has_p = "p" in params and params["p"].unit == "prob"
+    name = knob(policy)
+    steps: list[str] = []
+    fixed: dict = {}
+    if name == "budget" and has_p and cap_of(build(budget=context)[0]) is not None:
+        lo, hi = 1, context  # the largest budget whose cap fits the target (compile only)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cap_of(build(budget=mid)[0]) <= target_tokens else (lo, mid - 1)
+        fixed = {"budget": lo}
+        held0 = measure_policy(build(budget=lo)[0])
+        steps.append(f"budget={lo} (cap {cap_of(build(budget=lo)[0])} = {fraction:g} x {context} tokens) holds {held0:.1%}")
+        if held0 < fraction - tolerance(fraction):
+            name = "p"  # top-p keeps fewer than the cap: raise p
+            known = {float(params["p"].value): held0}
+        else:
+            known = {float(lo): held0}
+    else:
+        known = {}
+
+    def measure(x: float) -> float:
+        return measure_policy(build(**fixed, **{name: _value(name, x)})[0]) if name == "p" else measure_policy(build(budget=_value(name, x))[0])
+
+    if name == "budget":
+        x0, lo_x, hi_x, integer = (fixed.get("budget") or fixed_budget(fraction, context)), 1, context, True
+        fixed = {}
+    else:
+        x0, lo_x, hi_x, integer = float(params["p"].value), P_RANGE[0], P_RANGE[1], False
+    x, held, probes = search(measure, fraction, x0, lo_x, hi_x, integer, known=known)
+    values = dict(fixed, **{name: _value(name, x)})
+    sized_policy, set_params, more = build(**values)
+    verdict = "within tolerance" if abs(held - fraction) <= tolerance(fraction) else "closest reachable"
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    how = f"{shown} (searched {name}: holds {held:.1%} after prefill on the first sample, {verdict}, {len(probes)} probes)"
+    how = "; ".join([how] + notes + more)
+    return Setting(label, fraction, "search", set_params, how, held, [(round(a, 6), round(b, 5)) for a, b in probes]), sized_policy
+
+
+def _value(name: str, x: float):
+    return int(x) if name == "budget" else round(x, 6)
