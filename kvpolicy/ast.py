@@ -172,6 +172,12 @@ class Skip:
 
 
 @dataclass(frozen=True)
+class Layout:
+    word: Ident
+    span: Span
+
+
+@dataclass(frozen=True)
 class Merge:
     target: Ident
     weight: Expr | None
@@ -215,7 +221,7 @@ class Cascade:
     span: Span
 
 
-Statement = Param | Observe | Score | State | Calibrate | Keep | Cap | Skip | Merge | Compress | Cascade
+Statement = Param | Observe | Score | State | Calibrate | Keep | Cap | Skip | Layout | Merge | Compress | Cascade
 
 
 @dataclass(frozen=True)

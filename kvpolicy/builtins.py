@@ -66,6 +66,7 @@ BUILTINS: dict[str, Builtin] = {
 
 UNITS = ("tokens", "steps", "prob", "int", "float")
 LAYOUTS = ("contiguous", "mask", "flatten_max", "flatten_sum")
+POLICY_LAYOUTS = ("flatten_max", "flatten_sum")  # a non-cascade policy always compacts what it keeps
 STORES = ("native", "fp16", "bf16", "int8", "int4")
 MERGE_TARGETS = ("nearest", "top")
 GRANULARITIES = ("kv_head", "layer")

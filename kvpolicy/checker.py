@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, replace
 
 from . import ast, ir
-from .builtins import BUILTINS, GRANULARITIES, LAYOUTS, MERGE_TARGETS, RESTRICTABLE, SCOPES, STORES, UNITS
+from .builtins import BUILTINS, GRANULARITIES, LAYOUTS, MERGE_TARGETS, POLICY_LAYOUTS, RESTRICTABLE, SCOPES, STORES, UNITS
 from .diagnostics import Diagnostic, PolicyError, Source, Span, did_you_mean
 from .syntax import keywords
 from .typecheck import ERROR, MAX_MAGNITUDE, ExprChecker, Typed, describe, fmt_number
@@ -79,7 +79,7 @@ class _Checker:
         singles: dict[type, ast.Statement] = {}
         out: dict[str, object] = {"keeps": [], "states": [], "calibrations": []}
         for st in statements:
-            if isinstance(st, (ast.Observe, ast.Cap, ast.Skip, ast.Merge, ast.Compress, ast.Cascade)):
+            if isinstance(st, (ast.Observe, ast.Cap, ast.Skip, ast.Layout, ast.Merge, ast.Compress, ast.Cascade)):
                 if type(st) in singles:
                     first = singles[type(st)]
                     self.error(st.span, f"a policy has at most one '{_keyword(st)}' statement (the first is on line {first.span.line})")
@@ -115,6 +115,7 @@ class _Checker:
         out["triggers"] = self._compress(compress) if compress else ()
         cascade = singles.get(ast.Cascade)
         out["cascade"] = self._cascade(cascade, out["cap"]) if cascade else ()
+        out["layout"] = self._layout(singles.get(ast.Layout), cascade)
         self._whole_policy_rules(statements, out, compress, cascade, cap)
         if self.errors:
             return None
@@ -137,7 +138,21 @@ class _Checker:
             merge=out["merge"],
             triggers=tuple(out["triggers"]),
             cascade=tuple(out["cascade"]),
+            layout=out["layout"],
         )
+
+    def _layout(self, st: ast.Layout | None, cascade: ast.Cascade | None) -> str:
+        """How compaction stores the kept tokens of a non-cascade policy."""
+        if st is None:
+            return "flatten_max"
+        word = st.word.name
+        if cascade is not None:
+            self.error(st.span, "with a cascade, each tier gives its own layout ('tier NAME: ..., layout L'); remove this statement")
+        elif word in LAYOUTS and word not in POLICY_LAYOUTS:
+            self.error(st.word.span, f"layout '{word}' is for cascade tiers; a policy compacts what it keeps: expected {', '.join(POLICY_LAYOUTS)}")
+        elif word not in POLICY_LAYOUTS:
+            self.error(st.word.span, f"unknown layout '{word}'{did_you_mean(word, POLICY_LAYOUTS)}; expected {', '.join(POLICY_LAYOUTS)}")
+        return word if word in POLICY_LAYOUTS else "flatten_max"
 
     # ------------------------------------------------------------- definitions
 

@@ -19,6 +19,7 @@ from .manifest import BACKENDS, write_atomic, write_manifest
 from .policy import compile_text, read_source
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+CALIBRATE_TOKENS, CALIBRATE_MIN_TOKENS = 2048, 64
 
 
 class UsageError(KvpolicyError):
@@ -81,6 +82,23 @@ def _parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="the shipped policies, one line each")
     lst.set_defaults(run=cmd_list)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit a policy's calibrations on English text and write a calibration file (for fit from)",
+        description=(
+            "Prefill --tokens tokens of English prose (licence texts on this machine) through the model under the policy, "
+            "fit every calibration of the policy on every layer as its first compression would, and write the values to "
+            "--out (safetensors + JSON header). A policy that says fit from \"FILE\" then loads them instead of fitting online."
+        ),
+    )
+    cal.add_argument("file", metavar="POLICY", help="a .kvp file or a shipped policy name")
+    cal.add_argument("--model", default="smollm2-135m", metavar="NAME", help="a known model name or a converted HF directory (default: smollm2-135m)")
+    cal.add_argument("--out", required=True, metavar="FILE", help="the calibration file to write (e.g. hardkv.calib.safetensors)")
+    cal.add_argument("--tokens", type=int, default=CALIBRATE_TOKENS, metavar="N", help=f"length of the text in tokens, {CALIBRATE_MIN_TOKENS}..8192 (default: {CALIBRATE_TOKENS})")
+    cal.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a param")
+    cal.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's own, one per core)")
+    cal.set_defaults(run=cmd_calibrate)
 
     from .evaluate.command import add_parser as add_eval_parser
 
@@ -166,6 +184,79 @@ def cmd_list(args) -> int:
         doc = compile_text(text, f"policies/{name}.kvp").doc or ""
         print(f"{name:<{width}}  {doc}")
     return EXIT_OK
+
+
+def cmd_calibrate(args) -> int:
+    if not CALIBRATE_MIN_TOKENS <= args.tokens <= 8192:
+        raise UsageError(f"--tokens must be between {CALIBRATE_MIN_TOKENS} and 8192, got {args.tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    policy, filename = _compile(args.file, _overrides(args.set))
+    if not policy.calibrations:
+        raise UsageError(f"{filename}: policy {policy.name} has no calibrate block, nothing to fit")
+    if not policy.triggers:
+        raise UsageError(f"{filename}: policy {policy.name} never compresses, so its calibrations are never used")
+    out = Path(args.out)
+    _check_writable(out)
+
+    import numpy as np
+    import torch
+
+    from . import calibration_file, models
+    from .backends.torch import ModelShape
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    directory = models.path(args.model)  # an unknown model fails here, before any progress line
+    print(f"kvpolicy: loading {args.model}", file=sys.stderr)
+    model, tok = models.load(directory)
+    shape = ModelShape.from_config(model.config, args.model)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.tokens > limit:
+        raise UsageError(f"--tokens {args.tokens} is more than {args.model} reads ({limit} positions)")
+    ids = calibration_file.english_ids(tok, args.tokens)
+    names = ", ".join(c.name for c in policy.calibrations)
+    print(f"kvpolicy: fitting {names} of {policy.name} on {ids.shape[1]} tokens of English text, {shape.num_layers} layers", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 10 == 0:
+            print(f"kvpolicy: {done}/{total} layers fitted", file=sys.stderr)
+
+    fitted = calibration_file.fit_on_text(model, policy, ids, progress)
+    model_info = {"name": args.model, "layers": shape.num_layers, "kv_heads": shape.num_kv_heads,
+                  "q_heads": shape.num_q_heads, "head_dim": shape.head_dim}
+    path = calibration_file.write(
+        out, policy, model=model_info, values=fitted.values, errors=fitted.errors, row_errors=fitted.row_errors,
+        text={"source": "kvpolicy.texts.english_text", "tokens": int(ids.shape[1])}, source=filename,
+    )
+    print(f"wrote {path}: {names} of {policy.name} for {args.model} ({shape.num_layers} layers x {shape.num_kv_heads} kv heads), fitted on {ids.shape[1]} tokens")
+    for cal in policy.calibrations:
+        values, errors = fitted.values[cal.name], fitted.errors[cal.name]
+        within = int(fitted.converged[cal.name].sum())
+        print(
+            f"  {cal.name}: {values.min():.3g}..{values.max():.3g} (median {float(np.median(values)):.3g}); "
+            f"|mean mass - p| mean {errors.mean():.4f}, max {errors.max():.4f}, within tol {cal.solver.tol:g} in {within}/{values.size} heads; "
+            f"mean |mass - p| over query rows {fitted.row_errors[cal.name].mean():.4f}"
+        )
+    return EXIT_OK
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before an expensive run if `out` cannot be written."""
+    import tempfile
+
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"cannot write {out}: {blocking} is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write {out}: {err.strerror or err}") from None
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ def explain(policy: ir.Policy, num_layers: int | None = None) -> str:
                 out.append(f"    by layer ({keep.by_layer.kind}, {layers} layers): {', '.join(map(str, counts))}")
     if policy.cap is not None:
         out.append(f"holds at most {_tokens(policy.cap)} per kv head")
+    if policy.layout == "flatten_sum":
+        out.append("stores each kv head's kept tokens back to back (flatten_sum): bytes follow the sum of the heads' counts")
     if policy.merge is not None:
         weight = f", weighted by {expr_text(policy.merge.weight)}" if policy.merge.weight else ""
         out.append(f"merges evicted tokens into the {policy.merge.into} kept token{weight}")

@@ -104,6 +104,8 @@ def _statement_blocks(st: ast.Statement, depth: int) -> list[_Block]:
         return [_Block(line, end, depth, [f"keep {st.name.name} = {_expr(st.selection)}" + "".join(" " + _keep_clause(c) for c in st.clauses)])]
     if isinstance(st, ast.Cap):
         return [_Block(line, end, depth, [f"cap {_expr(st.value)}"])]
+    if isinstance(st, ast.Layout):
+        return [_Block(line, end, depth, [f"layout {st.word.name}"])]
     if isinstance(st, ast.Skip):
         return [_Block(line, end, depth, [f"skip layers {_index_set(st.layers)}"])]
     if isinstance(st, ast.Merge):

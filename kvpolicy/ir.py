@@ -233,6 +233,10 @@ class Policy(Node):
     merge: Merge | None = None
     triggers: tuple[Trigger, ...] = ()  # empty: the policy never compresses
     cascade: tuple[Tier, ...] = ()
+    # How compaction stores kept tokens (a cascade's tiers give their own):
+    # flatten_max pads every kv head of a layer to its fullest head;
+    # flatten_sum holds each head's tokens back to back, bytes = sum of counts.
+    layout: Literal["flatten_max", "flatten_sum"] = "flatten_max"
 
     @property
     def compresses(self) -> bool:

@@ -25,6 +25,15 @@ class Plan:
     def compresses(self) -> bool:
         return bool(self.policy.triggers)
 
+    @property
+    def storage_layout(self) -> str:
+        """How an engine stores each layer's kept tokens after compaction:
+        flatten_sum when the policy (or, in a cascade, any tier) asks for it,
+        else flatten_max (every kv head padded to the layer's fullest)."""
+        if self.policy.cascade:
+            return "flatten_sum" if any(t.layout == "flatten_sum" for t in self.policy.cascade) else "flatten_max"
+        return self.policy.layout
+
     def due(self, phase: str, decode_step: int, held: int) -> bool:
         """Whether a layer holding `held` tokens (max over its heads) compresses
         now. phase is "prefill" (right after the prompt) or "decode"; decode_step

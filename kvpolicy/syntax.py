@@ -7,6 +7,7 @@ into positioned diagnostics that name what was expected.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from importlib import resources
 
 import lark
@@ -123,8 +124,10 @@ def _too_large(size: int) -> Diagnostic:
     return Diagnostic(NOWHERE, f"file too large ({shown}); a policy may be at most {MAX_BYTES // 1024} KiB")
 
 
-def _nesting_error(text: str) -> Diagnostic | None:
-    depth, line, col = 0, 1, 0
+def _code_chars(text: str) -> Iterator[tuple[int, int, str]]:
+    """(line, column, char), both 1-based, of every character outside strings
+    and comments; string quotes, comments and newlines themselves are skipped."""
+    line, col = 1, 0
     in_string = in_comment = False
     for ch in text:
         col += 1
@@ -138,7 +141,14 @@ def _nesting_error(text: str) -> Diagnostic | None:
             continue
         elif ch == "#":
             in_comment = True
-        elif ch in "([{":
+        else:
+            yield line, col, ch
+
+
+def _nesting_error(text: str) -> Diagnostic | None:
+    depth = 0
+    for line, col, ch in _code_chars(text):
+        if ch in "([{":
             depth += 1
             if depth > MAX_NESTING:
                 return Diagnostic(Span.point(line, col), f"brackets nested more than {MAX_NESTING} deep")
@@ -181,19 +191,8 @@ def _end_span(source: Source) -> Span:
 def _unclosed_brace_line(text: str) -> int | None:
     """Line of the innermost '{' still open at the end of the text."""
     opened: list[int] = []
-    line, in_string, in_comment = 1, False, False
-    for ch in text:
-        if ch == "\n":
-            line, in_string, in_comment = line + 1, False, False
-        elif in_comment:
-            continue
-        elif ch == '"':
-            in_string = not in_string
-        elif in_string:
-            continue
-        elif ch == "#":
-            in_comment = True
-        elif ch == "{":
+    for line, _, ch in _code_chars(text):
+        if ch == "{":
             opened.append(line)
         elif ch == "}" and opened:
             opened.pop()
@@ -400,6 +399,9 @@ class _ToAst(Transformer):
 
     def skip(self, meta, c):
         return ast.Skip(c[0], _span(meta))
+
+    def layout(self, meta, c):
+        return ast.Layout(_ident(c[0]), _span(meta))
 
     def merge(self, meta, c):
         return ast.Merge(_ident(c[0]), c[1], _span(meta))

@@ -16,6 +16,12 @@ def policy_text(body: str, name: str = "t") -> str:
     return f'policy {name} "test" {{\n{inner}\n}}\n'
 
 
+def edited(base: str, old: str, new: str) -> str:
+    """policy_text(base) with every `old` replaced by `new`; `old` must occur in base."""
+    assert old in base, old
+    return policy_text(base.replace(old, new))
+
+
 def where(text: str, needle: str, occurrence: int = 1) -> tuple[int, int]:
     """(line, col), 1-based, of the n-th occurrence of needle in text."""
     index = -1

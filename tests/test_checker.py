@@ -2,7 +2,7 @@
 import pytest
 
 import kvpolicy
-from tests.helpers import assert_error_at, errors_of, policy_text, where
+from tests.helpers import assert_error_at, edited, errors_of, policy_text, where
 
 SNAP = """
 param budget: tokens = 1024
@@ -17,20 +17,6 @@ compress at prefill
 """
 
 
-def snap(**replace) -> str:
-    text = SNAP
-    for old, new in replace.items():
-        old = old.replace("__", " ")
-        assert old in text
-        text = text.replace(old, new)
-    return policy_text(text)
-
-
-def variant(old: str, new: str) -> str:
-    assert old in SNAP, old
-    return policy_text(SNAP.replace(old, new))
-
-
 def test_baseline_is_valid():
     ir = kvpolicy.compile_text(policy_text(SNAP))
     assert ir.keeps[1].select.count == 1024 - 32
@@ -40,48 +26,48 @@ def test_baseline_is_valid():
 
 
 def test_unknown_signal_suggests_the_close_one():
-    text = variant("attn(group = mean)", "atn(group = mean)")
+    text = edited(SNAP, "attn(group = mean)", "atn(group = mean)")
     d = assert_error_at(text, "atn", "unknown signal 'atn'")
     assert "did you mean 'attn'?" in d.message
 
 
 def test_unknown_name_suggests_a_defined_one():
-    text = variant("top_k(s, budget - window)", "top_k(s, budget - windw)")
+    text = edited(SNAP, "top_k(s, budget - window)", "top_k(s, budget - windw)")
     d = assert_error_at(text, "windw", "unknown name 'windw'")
     assert "did you mean 'window'?" in d.message
 
 
 def test_unknown_enum_value():
-    text = variant("group = mean", "group = mx")
+    text = edited(SNAP, "group = mean", "group = mx")
     d = assert_error_at(text, "mx", "unknown group 'mx'")
     assert "did you mean 'max'?" in d.message
 
 
 def test_unknown_keyword_argument():
-    text = variant("group = mean", "grp = mean")
+    text = edited(SNAP, "group = mean", "grp = mean")
     d = assert_error_at(text, "grp", "attn has no argument 'grp'")
     assert "did you mean 'group'?" in d.message
 
 
 def test_unknown_unit():
-    text = variant("param window: tokens = 32", "param window: tokns = 32")
+    text = edited(SNAP, "param window: tokens = 32", "param window: tokns = 32")
     d = assert_error_at(text, "tokns", "unknown unit 'tokns'")
     assert "did you mean 'tokens'?" in d.message
 
 
 def test_duplicate_definition_names_the_first():
-    text = variant("param p: prob = 0.9", "param p: prob = 0.9\nparam window: tokens = 8")
+    text = edited(SNAP, "param p: prob = 0.9", "param p: prob = 0.9\nparam window: tokens = 8")
     d = assert_error_at(text, "window", "'window' is already defined on line 3", occurrence=2)
     assert "param" in d.message
 
 
 def test_duplicate_keep_name():
-    text = variant("keep selected =", "keep recent =")
+    text = edited(SNAP, "keep selected =", "keep recent =")
     assert_error_at(text, "recent", "keep 'recent' is already defined on line", occurrence=2)
 
 
 def test_builtin_name_cannot_be_redefined():
-    text = variant("score s = pool", "score softmax = pool")
+    text = edited(SNAP, "score s = pool", "score softmax = pool")
     assert_error_at(text, "softmax", "'softmax' is a built-in function")
 
 
@@ -100,7 +86,7 @@ def test_cycle_between_scores():
 
 
 def test_signal_named_without_call():
-    text = variant("pool(max, 7, attn(group = mean))", "attn")
+    text = edited(SNAP, "pool(max, 7, attn(group = mean))", "attn")
     assert_error_at(text, "attn\n", "is a built-in function; call it")
 
 
@@ -108,70 +94,70 @@ def test_signal_named_without_call():
 
 
 def test_top_k_count_must_be_tokens_not_prob():
-    text = variant("top_k(s, budget - window)", "top_k(s, p)")
+    text = edited(SNAP, "top_k(s, budget - window)", "top_k(s, p)")
     assert_error_at(text, "p)", "top_k expects a count in tokens, got a prob (p)")
 
 
 def test_top_p_rejects_a_token_count():
-    text = variant("top_k(s, budget - window) per kv_head", "top_p(s, 1024, limit = 8) per kv_head")
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "top_p(s, 1024, limit = 8) per kv_head")
     assert_error_at(text, "1024, limit", "is a probability in (0, 1], got 1024")
 
 
 def test_adding_a_prob_to_tokens_is_a_unit_error():
-    text = variant("budget - window)", "budget - p)")
+    text = edited(SNAP, "budget - window)", "budget - p)")
     assert_error_at(text, "budget - p", "cannot subtract prob from tokens")
 
 
 def test_multiplying_tokens_by_tokens():
-    text = variant("cap budget", "cap budget * window")
+    text = edited(SNAP, "cap budget", "cap budget * window")
     assert_error_at(text, "budget * window", "cannot multiply tokens by tokens")
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "-0.1"])
 def test_prob_param_range(value):
-    text = variant("param p: prob = 0.9", f"param p: prob = {value}")
+    text = edited(SNAP, "param p: prob = 0.9", f"param p: prob = {value}")
     assert_error_at(text, value + "\n", "is a probability in (0, 1]")
 
 
 def test_negative_budget():
-    text = variant("param budget: tokens = 1024", "param budget: tokens = -5")
+    text = edited(SNAP, "param budget: tokens = 1024", "param budget: tokens = -5")
     assert_error_at(text, "-5", "must be a non-negative number of tokens, got -5")
 
 
 def test_fractional_tokens_param():
-    text = variant("param budget: tokens = 1024", "param budget: tokens = 10.5")
+    text = edited(SNAP, "param budget: tokens = 1024", "param budget: tokens = 10.5")
     assert_error_at(text, "10.5", "whole number of tokens")
 
 
 def test_computed_negative_count():
     # 16 - 32 tokens left for top_k: the budget cannot hold the window.
-    text = variant("param budget: tokens = 1024", "param budget: tokens = 16")
+    text = edited(SNAP, "param budget: tokens = 1024", "param budget: tokens = 16")
     d = assert_error_at(text, "budget - window", "must be a non-negative number of tokens, got -16")
     assert "top_k" in d.message
 
 
 def test_steps_at_least_one():
-    text = variant("compress at prefill", "compress every 0 steps")
+    text = edited(SNAP, "compress at prefill", "compress every 0 steps")
     assert_error_at(text, "0 steps", "must be at least 1 step")
 
 
 def test_huge_number():
-    text = variant("param budget: tokens = 1024", "param budget: tokens = 1e400")
+    text = edited(SNAP, "param budget: tokens = 1024", "param budget: tokens = 1e400")
     assert_error_at(text, "1e400", "too large")
 
 
 def test_division_by_zero():
-    text = variant("cap budget", "cap budget / 0")
+    text = edited(SNAP, "cap budget", "cap budget / 0")
     assert_error_at(text, "0\n", "division by zero")
 
 
 def test_pool_kernel_must_be_odd():
-    text = variant("pool(max, 7,", "pool(max, 6,")
+    text = edited(SNAP, "pool(max, 7,", "pool(max, 6,")
     assert_error_at(text, "6,", "must be odd")
 
 
 def test_threshold_needs_a_plain_number():
-    text = variant("top_k(s, budget - window) per kv_head", "s > budget")
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "s > budget")
     assert_error_at(text, "s > budget", "a threshold must be a plain number")
 
 
@@ -190,24 +176,24 @@ def test_top_p_needs_nonnegative_scores():
 
 
 def test_keep_set_exceeding_cap():
-    text = variant("top_k(s, budget - window)", "top_k(s, budget)")
+    text = edited(SNAP, "top_k(s, budget - window)", "top_k(s, budget)")
     d = assert_error_at(text, "cap budget", "can hold 1056 tokens per kv head")
     assert "more than cap 1024" in d.message
 
 
 def test_unbounded_top_p_under_a_cap():
-    text = variant("top_k(s, budget - window) per kv_head", "top_p(s, p) per kv_head")
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "top_p(s, p) per kv_head")
     assert_error_at(text, "cap budget", "has no upper bound; give top_p a limit")
 
 
 def test_top_p_with_a_limit_fits():
-    text = variant("top_k(s, budget - window) per kv_head", "top_p(s, p, limit = budget - window) per kv_head")
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "top_p(s, p, limit = budget - window) per kv_head")
     ir = kvpolicy.compile_text(text)
     assert ir.keeps[1].select.limit == 992
 
 
 def test_window_filling_the_cap():
-    text = variant("param window: tokens = 32", "param window: tokens = 1024")
+    text = edited(SNAP, "param window: tokens = 32", "param window: tokens = 1024")
     diagnostics = errors_of(text)
     messages = [d.message for d in diagnostics]
     assert any("nothing is left" in m for m in messages), messages
@@ -215,17 +201,17 @@ def test_window_filling_the_cap():
 
 def test_pyramid_peak_counts_against_the_cap():
     # (2 - 1/20) x 992 = 1934.4 at layer 0, plus the window, exceeds cap 1024.
-    text = variant("per kv_head", "per kv_head by layer pyramid(beta = 20)")
+    text = edited(SNAP, "per kv_head", "per kv_head by layer pyramid(beta = 20)")
     assert_error_at(text, "cap budget", "can hold 1966.4 tokens per kv head")
 
 
 def test_per_layer_keep_under_a_per_head_cap():
-    text = variant("per kv_head", "per layer")
+    text = edited(SNAP, "per kv_head", "per layer")
     assert_error_at(text, "cap budget", "'per layer' keep lets one head take")
 
 
 def test_floor_needs_per_layer():
-    text = variant("per kv_head", "per kv_head floor 0.2")
+    text = edited(SNAP, "per kv_head", "per kv_head floor 0.2")
     assert_error_at(text, "floor 0.2", "floor applies to a budget shared per layer")
 
 
@@ -233,7 +219,7 @@ def test_floor_needs_per_layer():
 
 
 def test_selection_without_compress():
-    text = variant("compress at prefill", "")
+    text = edited(SNAP, "compress at prefill", "")
     assert_error_at(text, "keep recent", "never compresses")
 
 
@@ -243,7 +229,7 @@ def test_compress_without_selection():
 
 
 def test_attention_needs_observed_queries():
-    text = variant("observe queries last window", "")
+    text = edited(SNAP, "observe queries last window", "")
     assert_error_at(text, "attn(group", "reads observed queries; add 'observe queries last N'")
 
 
@@ -259,34 +245,34 @@ def test_accumulated_state_needs_no_observe():
 
 
 def test_second_observe_statement():
-    text = variant("observe queries last window", "observe queries last window\nobserve queries last 8")
+    text = edited(SNAP, "observe queries last window", "observe queries last window\nobserve queries last 8")
     assert_error_at(text, "observe queries last 8", "at most one 'observe' statement (the first is on line 5)")
 
 
 def test_keep_needs_a_selection():
-    text = variant("top_k(s, budget - window) per kv_head", "s")
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "s")
     assert_error_at(text, "s\n", "keep needs a selection")
 
 
 def test_empty_index_range():
-    text = variant("per kv_head", "per kv_head in layers 5..2")
+    text = edited(SNAP, "per kv_head", "per kv_head in layers 5..2")
     assert_error_at(text, "5..2", "empty range 5..2")
 
 
 def test_restriction_word():
-    text = variant("per kv_head", "per kv_head in heads 0..1")
+    text = edited(SNAP, "per kv_head", "per kv_head in heads 0..1")
     d = assert_error_at(text, "heads", "keep can be restricted 'in layers' or 'in kv_heads'")
     assert "did you mean 'kv_heads'?" in d.message
 
 
 def test_per_granularity_word():
-    text = variant("per kv_head", "per kv_haed")
+    text = edited(SNAP, "per kv_head", "per kv_haed")
     d = assert_error_at(text, "kv_haed", "unknown granularity 'kv_haed'")
     assert "did you mean 'kv_head'?" in d.message
 
 
 def test_merge_target():
-    text = variant("compress at prefill", "merge evicted into nerest\ncompress at prefill")
+    text = edited(SNAP, "compress at prefill", "merge evicted into nerest\ncompress at prefill")
     d = assert_error_at(text, "nerest", "unknown merge target 'nerest'")
     assert "did you mean 'nearest'?" in d.message
 
@@ -333,11 +319,6 @@ compress at prefill
 """
 
 
-def cal(old: str, new: str) -> str:
-    assert old in CAL, old
-    return policy_text(CAL.replace(old, new))
-
-
 def test_calibration_baseline():
     ir = kvpolicy.compile_text(policy_text(CAL))
     c = ir.calibrations[0]
@@ -346,29 +327,29 @@ def test_calibration_baseline():
 
 
 def test_calibration_target_must_not_use_the_fitted_value():
-    text = cal("target top_p_count(softmax(z), p)", "target top_p_count(softmax(z / T), p)")
+    text = edited(CAL, "target top_p_count(softmax(z), p)", "target top_p_count(softmax(z / T), p)")
     assert_error_at(text, "top_p_count", "must not depend on T")
 
 
 def test_calibration_metric_must_use_the_fitted_value():
-    text = cal("metric softmax(pool(max, 7, z) / T)", "metric softmax(pool(max, 7, z))")
+    text = edited(CAL, "metric softmax(pool(max, 7, z) / T)", "metric softmax(pool(max, 7, z))")
     assert_error_at(text, "softmax(pool(max, 7, z))", "the metric must use T")
 
 
 def test_calibration_needs_a_target():
-    text = cal("  target top_p_count(softmax(z), p)\n", "")
+    text = edited(CAL, "  target top_p_count(softmax(z), p)\n", "")
     assert_error_at(text, "T per", "needs a 'target' line")
 
 
 def test_calibration_clamp_and_init():
-    text = cal("clamp [0.001, 10]", "clamp [10, 0.1]")
+    text = edited(CAL, "clamp [0.001, 10]", "clamp [10, 0.1]")
     assert_error_at(text, "clamp", "is empty")
-    text = cal("init 0.5", "init 50")
+    text = edited(CAL, "init 0.5", "init 50")
     assert_error_at(text, "init 50", "outside the clamp")
 
 
 def test_calibration_scope():
-    text = cal("per (layer, kv_head)", "per (layer, head)")
+    text = edited(CAL, "per (layer, kv_head)", "per (layer, head)")
     assert_error_at(text, "head)", "unknown scope 'head'")
 
 
@@ -388,11 +369,6 @@ compress every 16 steps
 """
 
 
-def casc(old: str, new: str) -> str:
-    assert old in CASCADE, old
-    return policy_text(CASCADE.replace(old, new))
-
-
 def test_cascade_baseline():
     ir = kvpolicy.compile_text(policy_text(CASCADE))
     assert [t.name for t in ir.cascade] == ["dense", "sparse", "condensed"]
@@ -400,34 +376,34 @@ def test_cascade_baseline():
 
 
 def test_first_tier_holds_new_tokens():
-    text = casc("tier dense: new", "tier dense: layout mask")
+    text = edited(CASCADE, "tier dense: new", "tier dense: layout mask")
     assert_error_at(text, "dense:", "the first tier holds the new tokens")
 
 
 def test_tier_from_unknown():
-    text = casc("from sparse every", "from sprase every")
+    text = edited(CASCADE, "from sparse every", "from sprase every")
     d = assert_error_at(text, "sprase", "tier 'sprase' is not an earlier tier")
     assert "did you mean 'sparse'?" in d.message
 
 
 def test_unknown_layout():
-    text = casc("layout flatten_max", "layout flaten_max")
+    text = edited(CASCADE, "layout flatten_max", "layout flaten_max")
     d = assert_error_at(text, "flaten_max", "unknown layout 'flaten_max'")
     assert "did you mean 'flatten_max'?" in d.message
 
 
 def test_duplicate_tier():
-    text = casc("tier condensed:", "tier sparse:")
+    text = edited(CASCADE, "tier condensed:", "tier sparse:")
     assert_error_at(text, "sparse:", "tier 'sparse' is already defined", occurrence=2)
 
 
 def test_tier_cap_exceeded():
-    text = casc("cap 2 * budget", "cap 2 * budget\n  tier last: from condensed, select top_k(s, 100), cap 50")
+    text = edited(CASCADE, "cap 2 * budget", "cap 2 * budget\n  tier last: from condensed, select top_k(s, 100), cap 50")
     assert_error_at(text, "cap 50", "more than tier cap 50")
 
 
 def test_scored_keep_outside_the_cascade():
-    text = casc("keep sink = first 1", "keep sink = first 1\nkeep top = top_k(s, 4)")
+    text = edited(CASCADE, "keep sink = first 1", "keep sink = first 1\nkeep top = top_k(s, 4)")
     assert_error_at(text, "keep top", "belongs in a tier's 'select'")
 
 
@@ -452,7 +428,7 @@ def test_unclosed_block():
 
 
 def test_rendered_report_has_caret_under_the_error():
-    text = variant("attn(group = mean)", "atn(group = mean)")
+    text = edited(SNAP, "attn(group = mean)", "atn(group = mean)")
     with pytest.raises(kvpolicy.PolicyError) as info:
         kvpolicy.compile_text(text, "mine.kvp")
     line, col = where(text, "atn")

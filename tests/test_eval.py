@@ -44,6 +44,8 @@ def test_answer_is_in_the_prompt_at_the_stated_depth(tok, task, context):
         assert s.requested_depth == tasks.depth_for(index)
         needle_text = tok.decode(list(s.prompt_ids[n0:n1]))
         assert s.answer in needle_text
+        before = tok.decode(list(s.prompt_ids[d0:n0]))
+        assert n0 == d0 or "\n" in before and not before.rsplit("\n", 1)[1].strip()  # at a line start
         # The answer tokens are the answer, and the prompt ends with the question's answer prefix.
         assert tok.decode(list(s.answer_ids)).strip() == s.answer
         prompt = tok.decode(list(s.prompt_ids))
@@ -155,7 +157,7 @@ def test_policies_are_classified_by_what_sizes_them():
     assert kinds["full"] == "reference" and kinds["kivi"] == "unsized"
     for name in ("snapkv", "streaming_llm", "h2o", "pyramidkv", "tova", "knorm", "keydiff", "sliding_window", "rkv", "cam"):
         assert kinds[name] == "fixed", name
-    for name in ("adakv", "topp", "hardkv"):  # a layer's fullest head depends on the input
+    for name in ("adakv", "topp", "hardkv", "hardkv_rkv"):  # a layer's fullest head depends on the input
         assert kinds[name] == "search", name
     assert mem.knob(kvpolicy.load("topp")) == "p" and mem.knob(kvpolicy.load("hardkv")) == "budget"
 
@@ -171,12 +173,6 @@ def test_fixed_policies_get_fraction_times_context():
     assert setting.params == {"budget": 51, "window": 25} and "window=25" in setting.how
     setting, _ = mem.plan_fixed("full", kvpolicy.load("full"), 0.25, 2048)
     assert setting.method == "reference" and setting.memory == 1.0
-
-
-def test_hardkv_condenses_at_prefill_so_its_memory_is_physical():
-    extra, notes = mem.adjustments(kvpolicy.load("hardkv"))
-    assert extra == {"condense": 1} and "condense=1" in notes[0]
-    assert mem.adjustments(kvpolicy.load("snapkv")) == ({}, [])
 
 
 def test_search_finds_a_budget_within_tolerance():
@@ -211,19 +207,38 @@ def test_plan_search_reports_param_and_measurement():
     assert setting.params["budget"] == policy.params()["budget"] and setting.how.startswith(f"budget={policy.params()['budget']} (searched")
 
 
-def test_hardkv_gets_a_cap_at_the_target_then_a_larger_p():
+def hardkv_stored(layout: str):
+    from kvpolicy.diagnostics import Source
+
+    text = kvpolicy.library.shipped_text("hardkv").replace("layout flatten_sum", f"layout {layout}")
+    return kvpolicy.Policy(kvpolicy.compile_text(text, "hardkv.kvp"), Source(text, "hardkv.kvp"))
+
+
+def test_hardkv_flatten_sum_gets_the_fixed_budget_then_a_searched_p():
+    def measure_policy(policy):  # each head pays for its own tokens: what p asks for, capped
+        params = policy.params()
+        return min((2 * params["budget"] + params["window"]) / 1000, 0.02 / (1 - params["p"]) ** 0.5)
+
+    assert "layout flatten_sum" in kvpolicy.library.shipped_text("hardkv")
+    setting, policy = mem.plan_search("hardkv", kvpolicy.load("hardkv"), 0.25, 1000, measure_policy)
+    params = policy.params()
+    assert params["budget"] == mem.fixed_budget(0.25, 1000) and params["p"] > 0.99
+    assert abs(setting.measured - 0.25) <= mem.tolerance(0.25) and setting.how.startswith(f"budget=250, p={params['p']} (searched p")
+
+
+def test_hardkv_flatten_max_gets_a_cap_at_the_target_then_a_larger_p():
     def measure_policy(policy):  # top-p keeps what p asks for, never more than the cap
         params = policy.params()
         wanted = 0.02 / (1 - params["p"]) ** 0.5  # 0.063 at p = 0.9
         return min((2 * params["budget"] + params["window"]) / 1000, wanted)
 
-    setting, policy = mem.plan_search("hardkv", kvpolicy.load("hardkv"), 0.25, 1000, measure_policy)
+    setting, policy = mem.plan_search("hardkv", hardkv_stored("flatten_max"), 0.25, 1000, measure_policy)
     params = policy.params()
-    assert params["condense"] == 1 and 2 * params["budget"] + params["window"] <= 250  # no head can exceed 25%
+    assert 2 * params["budget"] + params["window"] <= 250  # no head can exceed 25%
     assert params["p"] > 0.99 and abs(setting.measured - 0.25) <= mem.tolerance(0.25)
     assert setting.how.startswith(f"budget={params['budget']}, p={params['p']} (searched p")
     # When the cap binds, the first probe is already at the target and p stays.
-    setting, policy = mem.plan_search("hardkv", kvpolicy.load("hardkv"), 0.05, 1000, measure_policy)
+    setting, policy = mem.plan_search("hardkv", hardkv_stored("flatten_max"), 0.05, 1000, measure_policy)
     assert policy.params()["p"] == 0.9 and len(setting.probes) == 1
 
 
@@ -300,15 +315,22 @@ class FakeEvaluator:
     """Deterministic records instead of model runs; counts what it ran."""
 
     calls: list = []
+    prefills: list = []
     interrupt_at: str | None = None
 
     def __init__(self, model, tok):
         pass
 
-    def held_after_prefill(self, sample, policy):
+    def prefill(self, sample, window, states):
+        FakeEvaluator.prefills.append((sample.id, window, len(states)))
+        return [sample.id]
+
+    def held_after_prefill(self, sample, policy, prefilled=None):
+        assert prefilled == [sample.id]  # the sample's own shared prefill
         return min(1.0, 1.3 * policy.params().get("budget", 1000) / len(sample.prompt_ids))
 
-    def run(self, sample, policy, reference=None):
+    def run(self, sample, policy, reference=None, prefilled=None):
+        assert prefilled == [sample.id]
         if sample.id == FakeEvaluator.interrupt_at:
             raise KeyboardInterrupt
         FakeEvaluator.calls.append((sample.id, policy.name))
@@ -323,7 +345,9 @@ class FakeEvaluator:
 @pytest.fixture
 def fake_model(monkeypatch, tok):
     FakeEvaluator.calls = []
+    FakeEvaluator.prefills = []
     FakeEvaluator.interrupt_at = None
+    FakeEvaluator.tok = tok
     monkeypatch.setattr(kvpolicy.models, "load", lambda name: (None, tok))
     monkeypatch.setattr(runner, "Evaluator", FakeEvaluator)
     return FakeEvaluator
@@ -349,6 +373,40 @@ def test_interrupt_keeps_finished_samples_and_resume_continues(fake_model, capsy
     assert len(adakv) == 2 and all(s["method"] == "search" and s["probes"] for s in adakv)
     table = capsys.readouterr().out
     assert "snapkv" in table and "adakv" in table and "3/3" in table
+    # A stored sample that this machine would generate differently is refused.
+    data["samples"][0]["fingerprint"] = "sha256:0"
+    data["samples"].pop()
+    out.write_text(json.dumps(data))
+    assert cli.main(args + ["--resume"]) == 2
+    assert "passkey#0 in" in capsys.readouterr().err
+
+
+def test_suites_set_defaults_and_one_prefill_serves_a_sample(fake_model, capsys, tmp_path, monkeypatch):
+    from kvpolicy.evaluate import command
+
+    seen = {}
+
+    def record(config):
+        seen["config"] = config
+        return 0
+
+    monkeypatch.setattr(runner, "run", record)
+    assert cli.main(["eval", "--suite", "hardkv", "--quick", "--json", str(tmp_path / "q.json")]) == 0
+    config = seen["config"]
+    assert list(config.policies) == command.HARDKV_QUICK["policy"].split(",")
+    assert config.context == command.HARDKV_QUICK["context"] and config.samples == command.HARDKV_QUICK["samples"]
+    assert cli.main(["eval", "--suite", "hardkv", "--samples", "1", "--json", str(tmp_path / "h.json")]) == 0
+    config = seen["config"]
+    assert config.tasks == command.HARDKV["task"].split(",") and config.samples == 1  # explicit flags win
+    assert {"hardkv", "hardkv_rkv", "snapkv", "rkv", "h2o", "streaming_llm", "adakv", "topp"} <= set(config.policies)
+    monkeypatch.undo()
+    monkeypatch.setattr(kvpolicy.models, "load", lambda name: (None, fake_model.tok))
+    monkeypatch.setattr(runner, "Evaluator", FakeEvaluator)
+    args = ["eval", "--policy", "snapkv,h2o", "--task", "passkey", "--context", "512", "--memory", "0.25",
+            "--samples", "2", "--json", str(tmp_path / "o.json")]
+    assert cli.main(args) == 0
+    # One prefill per sample, recording snapkv's window and h2o's state.
+    assert fake_model.prefills == [("passkey#0", 64, 1), ("passkey#1", 64, 1)]
 
 
 # ----------------------------------------------------------------- SmolLM2
@@ -405,9 +463,9 @@ def test_resume_does_not_recompute_finished_samples(smoke, tmp_path, monkeypatch
     ran = []
     original = runner.Evaluator.run
 
-    def spy(self, sample, policy, reference=None):
+    def spy(self, sample, policy, reference=None, prefilled=None):
         ran.append(sample.id)
-        return original(self, sample, policy, reference)
+        return original(self, sample, policy, reference, prefilled)
 
     monkeypatch.setattr(runner.Evaluator, "run", spy)
     i = args.index("--json")
@@ -420,4 +478,5 @@ def test_resume_does_not_recompute_finished_samples(smoke, tmp_path, monkeypatch
     assert [s["id"] for s in after["samples"]] == ["passkey#0", "passkey#1", "text#0", "text#1"]
     assert after["samples"][0] == before["samples"][0] and after["samples"][2] == before["samples"][1]
     assert after["history"][0]["command"].endswith("--resume")
+    assert after["environment"] == before["environment"] and after["history"][0]["environment"]["model"] == "smollm2-135m"
     assert "resuming" in capsys.readouterr().err

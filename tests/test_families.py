@@ -35,7 +35,7 @@ def selections(policy: ir.Policy, kind) -> list:
 
 def test_every_shipped_policy_checks():
     names = library.shipped_names()
-    required = {"full", "streaming_llm", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "knorm", "rkv", "topp", "hardkv"}
+    required = {"full", "streaming_llm", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "knorm", "rkv", "topp", "hardkv", "hardkv_rkv"}
     assert required <= set(names)
     for name in names:
         assert load(name).name == name
@@ -143,7 +143,7 @@ def test_tiers_hardkv_cascade_and_kivi():
     dense, sparse, condensed = hard.cascade
     assert dense.source == "new" and dense.layout == "contiguous"
     assert sparse.source == "dense" and sparse.layout == "mask" and sparse.select is not None
-    assert condensed.source == "sparse" and condensed.every == 2 and condensed.layout == "flatten_max"
+    assert condensed.source == "sparse" and condensed.every == 2 and condensed.layout == "flatten_sum"
     assert condensed.cap == 2 * 1024 + 32
     kivi = load("kivi")
     assert [t.store for t in kivi.cascade] == ["native", "int4"]

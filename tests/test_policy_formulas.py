@@ -479,6 +479,25 @@ def direct_hardkv_sparse(case: Case, p: float, budget: int, window: int, tempera
     return out
 
 
+def direct_hardkv_rkv_sparse(case: Case, p: float, budget: int, window: int, lam: float, temperature: torch.Tensor, rel: float):
+    """hardkv_rkv's first compression: as hardkv, over R-KV's metric
+    m = normalize(lam * softmax(z) - (1 - lam) * redundancy) per observed
+    query row, calibrated as softmax(log(m) / T)."""
+    attention_rows = torch.softmax(group_max_logits(case, window), dim=-1)  # 0 after each query
+    combined = lam * attention_rows - (1 - lam) * redundancy(case, 0.5)[:, None, :]
+    shifted = combined - combined.amin(dim=-1, keepdim=True)
+    m = shifted / shifted.sum(dim=-1, keepdim=True)
+    s = torch.softmax(torch.log(m) / temperature.double()[:, None, None], dim=-1).mean(dim=1)
+    held = list(range(case.T))
+    protected = {0} | set(range(case.T - window, case.T))
+    candidates = [j for j in held if j not in protected]
+    out = []
+    for h in range(case.hkv):
+        want, excused = top_p(s[h].tolist(), held, candidates, protected, p, 2 * budget - 1, rel)
+        out.append((want | protected, excused))
+    return out
+
+
 def cam_scores(case: Case, window: int) -> torch.Tensor:
     qpos = torch.arange(case.T - window, case.T)
     return per_kv(attention(case, qpos), case).mean(dim=1).mean(dim=1)  # group mean, then query mean
@@ -808,6 +827,18 @@ def test_hardkv_sparse_tier(case, data):
                 f"hardkv(p={p}, budget={budget}, window={window}) sparse tier, T={temperature.tolist()}")
 
 
+@EXAMPLES
+@given(case=random_cases(), data=st.data())
+def test_hardkv_rkv_sparse_tier(case, data):
+    window = data.draw(st.integers(1, case.T - 2), label="window")
+    budget = data.draw(st.integers(1, case.T), label="budget")
+    p = data.draw(st.sampled_from([0.5, 0.8, 0.9, 0.95]), label="p")
+    decision, run = backend_prefill(kvpolicy.load("hardkv_rkv", p=p, budget=budget, window=window), case)
+    temperature = run.temperatures[("T", 0)]
+    assert_kept(decision.kept, direct_hardkv_rkv_sparse(case, p, budget, window, 0.07, temperature, REL_TOL),
+                f"hardkv_rkv(p={p}, budget={budget}, window={window}) sparse tier, T={temperature.tolist()}")
+
+
 # --------------------------------------------------------------------- exact ties
 
 
@@ -990,12 +1021,17 @@ def _model_check(name: str, case: Case, layer: int, layers: int):
         decision, run = backend_prefill(kvpolicy.load(name, budget=B), case, layer=layer, layers=layers)
         temperature = run.temperatures[("T", layer)]
         assert_kept(decision.kept, direct_hardkv_sparse(case, 0.9, B, 32, temperature, REL_TOL), f"{what}, T={temperature.tolist()}")
+    elif name == "hardkv_rkv":
+        decision, run = backend_prefill(kvpolicy.load(name, budget=B), case, layer=layer, layers=layers)
+        temperature = run.temperatures[("T", layer)]
+        expected = direct_hardkv_rkv_sparse(case, 0.9, B, 32, 0.07, temperature, REL_TOL)
+        assert_kept(decision.kept, expected, f"{what}, T={temperature.tolist()}")
     else:
         raise AssertionError(name)
 
 
 MODEL_POLICIES = ["snapkv", "pyramidkv", "adakv", "h2o", "tova", "knorm", "keydiff", "rkv", "topp",
-                  "streaming_llm", "sliding_window", "cam", "hardkv"]
+                  "streaming_llm", "sliding_window", "cam", "hardkv", "hardkv_rkv"]
 
 
 @pytest.mark.model
@@ -1063,30 +1099,87 @@ def _adam_fits(smollm2_layers, p: float = 0.9, init: float = 0.5):
     for layer, case in cases.items():
         _, run = backend_prefill(kvpolicy.load("hardkv", p=p, budget=MODEL_BUDGET), case, layer=layer, layers=layers)
         fitted = run.temperatures[("T", layer)]
-        yield layer, fitted, _calibration_stats(case, torch.full((case.hkv,), init), p), _calibration_stats(case, fitted, p)
+        yield layer, case, fitted, _calibration_stats(case, torch.full((case.hkv,), init), p), _calibration_stats(case, fitted, p)
+
+
+def _mean_mass_root(case: Case, head: int, mass: float, p: float, lo: float = 0.001, hi: float = 10.0) -> float:
+    """The T in [lo, hi] at which head's mean mass (over observed queries) of
+    the target-count largest metric entries equals `mass`, by float64
+    bisection on the direct formula (the mean mass falls as T grows); a bound
+    when `mass` is out of reach."""
+    def mean_mass(t: float) -> float:
+        temperature = torch.ones(case.hkv, dtype=torch.float64)
+        temperature[head] = t
+        return float(_calibration_stats(case, temperature, p)[1][head])
+
+    if mean_mass(lo) <= mass:
+        return lo
+    if mean_mass(hi) >= mass:
+        return hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_mass(mid) > mass else (lo, mid)
+    return (lo + hi) / 2
 
 
 @pytest.mark.model
 def test_hardkv_adam_calibration_on_smollm2(smollm2_layers):
-    """The shipped calibration (Adam from T = 0.5) on real attention: T moves
-    in every head, the documented loss falls in every head, and over all heads
-    the calibrated metric's counts get closer to the target counts."""
+    """The shipped calibration (Adam, lr 0.01, <= 50 steps, from T = 0.5, tol
+    0.01) on real attention, checked per head against the direct formula:
+    the fit targets the mean over observed queries of the mass that the
+    target-count largest calibrated entries hold (backends/torch/calibrate.py;
+    no single T puts every query row within tol, see there).
+    - a head already within tol at init keeps T = 0.5 exactly; any other
+      head moves, in the direction that brings its mean mass towards p;
+    - no head ends further from p than it started (this replaced a strict
+      xfail: the old fit minimised mean (mass - p)^2 and drifted);
+    - where the root of mean mass = p lies within Adam's reach of init (each
+      Adam step moves T by at most ~lr, so 50 steps reach 0.5 +- 0.5; we ask
+      for 80% of that), the fitted mean mass is within tol of p;
+    - over all heads, the calibrated counts get closer to the target counts."""
+    p, tol, init, reach = 0.9, 0.01, 0.5, 0.8 * 50 * 0.01
+    slack = 1e-4  # float32 backend vs float64 formula
     gap_init = gap_fit = 0.0
-    for layer, fitted, (loss0, _, gap0), (loss1, _, gap1) in _adam_fits(smollm2_layers):
-        assert ((fitted - 0.5).abs() > 1e-3).all(), f"layer {layer}: T did not move from 0.5: {fitted.tolist()}"
-        assert (loss1 <= loss0 + 1e-9).all(), f"layer {layer}: loss {loss0.tolist()} -> {loss1.tolist()} at T={fitted.tolist()}"
+    converged = 0
+    for layer, case, fitted, (_, mass0, gap0), (_, mass1, gap1) in _adam_fits(smollm2_layers, p, init):
+        for h in range(case.hkv):
+            what = f"layer {layer} head {h}: mean mass {mass0[h]:.4f} at T={init}, {mass1[h]:.4f} at T={fitted[h]:.4f}"
+            if abs(mass0[h] - p) < tol - slack:
+                assert fitted[h] == init, what
+                continue
+            assert abs(fitted[h] - init) > 1e-3, f"{what}: T did not move"
+            assert (fitted[h] > init) == bool(mass0[h] > p), f"{what}: T moved the wrong way"
+            assert abs(mass1[h] - p) <= abs(mass0[h] - p) + slack, f"{what}: further from p than at init"
+            root = _mean_mass_root(case, h, p, p)
+            if 0.001 < root < 10.0 and abs(root - init) <= reach:
+                assert abs(mass1[h] - p) < tol + slack, f"{what}: not within tol of p although the root T={root:.4f} is in reach"
+                converged += 1
         gap_init, gap_fit = gap_init + float(gap0.sum()), gap_fit + float(gap1.sum())
+    assert converged >= 4, f"only {converged} heads had a reachable root: the test checks too little"
     assert gap_fit < 0.8 * gap_init, f"mean |count - target| summed over heads: {gap_init:.1f} at init, {gap_fit:.1f} fitted"
 
 
 @pytest.mark.model
-@pytest.mark.xfail(strict=True, reason=(
-    "known: on SmolLM2 (layer 3 head 1, layer 27 head 0) the fit lowers the documented loss but moves the "
-    "counts away from the target: rows whose target count is smaller than a max-pool plateau (a peak "
-    "spreads over up to 7 tokens) cannot reach p at any T and pull T towards 0"))
-def test_hardkv_adam_calibration_brings_every_head_closer(smollm2_layers):
-    for layer, fitted, (_, _, gap0), (_, _, gap1) in _adam_fits(smollm2_layers):
-        assert (gap1 < gap0).all(), f"layer {layer}: mean |count - target| {gap0.tolist()} at init, {gap1.tolist()} at T={fitted.tolist()}"
+def test_hardkv_adam_and_bisect_calibrations_agree(smollm2_layers):
+    """Both solvers look for the same root (mean mass = p): where both stop
+    within tol, their temperatures differ by at most the width of the band of
+    T where the mean mass is within tol of p, computed here directly."""
+    cases, layers = smollm2_layers
+    p, tol = 0.9, 0.01
+    bisect_policy = kvpolicy.compile_text(BISECT_POLICY, "hardkv_bisect.kvp")
+    compared = 0
+    for layer, case, adam_t, _, (_, adam_mass, _) in _adam_fits(smollm2_layers, p):
+        _, run = backend_prefill(bisect_policy, case, layer=layer, layers=layers)
+        bisect_t = run.temperatures[("T", layer)]
+        _, bisect_mass, _ = _calibration_stats(case, bisect_t, p)
+        for h in range(case.hkv):
+            if abs(adam_mass[h] - p) >= tol or abs(bisect_mass[h] - p) >= tol:
+                continue
+            band = _mean_mass_root(case, h, p - tol, p) - _mean_mass_root(case, h, p + tol, p)
+            assert abs(adam_t[h] - bisect_t[h]) <= band + 1e-4, (
+                f"layer {layer} head {h}: adam T={adam_t[h]:.4f}, bisect T={bisect_t[h]:.4f}, band {band:.4f}")
+            compared += 1
+    assert compared >= 4
 
 
 @pytest.mark.model

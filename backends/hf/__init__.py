@@ -2,5 +2,6 @@
 attention function that feeds it, and greedy generation with stats."""
 from .cache import PolicyCache, PolicyLayer
 from .decoding import Result, Scored, Stats, encode, generate, prepare, score
+from .prefill import Prefilled, prefill
 
-__all__ = ["PolicyCache", "PolicyLayer", "Result", "Scored", "Stats", "encode", "generate", "prepare", "score"]
+__all__ = ["PolicyCache", "PolicyLayer", "Prefilled", "Result", "Scored", "Stats", "encode", "generate", "prefill", "prepare", "score"]

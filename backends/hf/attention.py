@@ -5,7 +5,8 @@ It does three things per layer and forward, then attends:
 - accumulates per-token states (e.g. H2O) from the new queries' attention;
 - masks what the cache's layout requires: holes of shorter heads, and
   causality by logical position (physical order is not logical order after
-  compaction).
+  compaction). Under flatten_sum, heads holding different counts are
+  attended one at a time, each over its own segment.
 While a layer is still uncompacted (every slot valid, slot i holding position
 i) it calls transformers' own SDPA attention unchanged, so a policy that never
 compresses produces exactly the tokens of plain `model.generate`.
@@ -45,24 +46,36 @@ def policy_attention(module, query, key, value, attention_mask, dropout: float =
     query_pos = torch.arange(layer.logical - n, layer.logical)
     engine.observe(run, layer_index, query[0], query_pos)
 
+    groups = layer.attention_groups()
     pristine = bool(layer.valid.all()) and layer.physical == layer.logical
     needs_probs = bool(engine.ir.states)
-    if pristine and not needs_probs:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if pristine and not needs_probs:  # every head holds every token: one group
+        (_, keys, values), = groups
+        return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    group = query.shape[1] // key.shape[1]
+    group = query.shape[1] // layer.num_kv_heads
     visible = layer.valid[:, None, :] & (layer.positions[:, None, :] <= query_pos[None, :, None])  # [Hkv, n, P]
-    visible = visible.repeat_interleave(group, dim=0)[None]  # [1, Hq, n, P]
-    keys = key.repeat_interleave(group, dim=1)
-    values = value.repeat_interleave(group, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    outputs, all_probs = [], []
+    for heads, keys, values in groups:  # keys [1, h, L, D]: slots 0..L-1 of these heads
+        length = keys.shape[2]
+        q = query[:, heads.start * group : heads.stop * group]
+        seen = visible[heads, :, :length].repeat_interleave(group, dim=0)[None]  # [1, h*G, n, L]
+        if needs_probs:
+            # One matmul per query head, as always: a grouped matmul rounds
+            # differently, which could change what a state-based policy keeps.
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+            logits = torch.matmul(q, keys.transpose(2, 3)) * scale
+            probs = torch.softmax(logits.masked_fill(~seen, float("-inf")).float(), dim=-1).nan_to_num(0.0)
+            all_probs.append(F.pad(probs, (0, layer.physical - length)))  # back onto the padded slot axis
+            outputs.append(torch.matmul(probs.to(values.dtype), values))
+        else:
+            # enable_gqa reads each kv head once (no repeated copies), with the same result.
+            outputs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=seen, scale=scale, enable_gqa=True))
     if needs_probs:
-        logits = torch.matmul(query, keys.transpose(2, 3)) * scale
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")).float(), dim=-1).nan_to_num(0.0)
-        layer.states = engine.accumulate(probs[0], layer.states, layer.valid)
-        output = torch.matmul(probs.to(values.dtype), values)
-    else:
-        output = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale)
+        layer.states = engine.accumulate(torch.cat(all_probs, dim=1)[0], layer.states, layer.valid)
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return output.transpose(1, 2).contiguous(), None
 
 

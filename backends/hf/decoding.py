@@ -88,20 +88,23 @@ class Scored:
 
 
 @torch.inference_mode()
-def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bool = False, stop_at_eos: bool = True) -> Result:
-    """Greedy decoding of one prompt under a policy."""
+def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bool = False, stop_at_eos: bool = True,
+             prefilled=None) -> Result:
+    """Greedy decoding of one prompt under a policy (from a shared full-cache
+    prefill of the same prompt when `prefilled`, one or a list, has one the
+    policy can fork: see prefill.py)."""
     eos = tok.eos_token_id
 
     def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
         token = int(logits.argmax())
         return token, step == max_new_tokens or (stop_at_eos and token == eos)
 
-    generated, _, stats = _decode(model, prepare(model, policy), encode(tok, prompt, chat), choose, keep_logits=False)
+    generated, _, stats = _decode(model, prepare(model, policy), encode(tok, prompt, chat), choose, False, prefilled)
     return Result(text=tok.decode(generated, skip_special_tokens=True), tokens=generated, stats=stats)
 
 
 @torch.inference_mode()
-def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None) -> Scored:
+def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None, prefilled=None) -> Scored:
     """Feed `continuation` after the prompt (teacher forcing) under a policy,
     compressing on its schedule, and return the model's log-probabilities."""
     if not continuation:
@@ -110,27 +113,36 @@ def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None)
     def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
         return continuation[step - 1], step == len(continuation)
 
-    _, logits, stats = _decode(model, prepare(model, policy), encode(None, prompt_ids, False), choose, keep_logits=True)
+    _, logits, stats = _decode(model, prepare(model, policy), encode(None, prompt_ids, False), choose, True, prefilled)
     return Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
 
 
-def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool):
-    """Prefill, compress, then one token at a time: `choose(step, logits)`
-    gives (token, last?) for step 1, 2, ..."""
-    cache = PolicyCache(engine)
+def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool, prefilled=None):
+    """Prefill (or fork a shared one), compress, then one token at a time:
+    `choose(step, logits)` gives (token, last?) for step 1, 2, ..."""
+    options = [] if prefilled is None else list(prefilled) if isinstance(prefilled, (list, tuple)) else [prefilled]
+    if any(not torch.equal(option.prompt_ids, input_ids) for option in options):
+        raise ValueError("the shared prefill is of another prompt")
+    prefilled = next((option for option in options if option.can_fork(engine)), None)
+    shared = prefilled is not None
+    cache = prefilled.fork(engine) if shared else PolicyCache(engine)
     tokens: list[int] = []
     kept_logits: list[torch.Tensor] = []
     with attention.active(cache):
         start = time.perf_counter()
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        if shared:
+            last_logits = prefilled.logits
+        else:
+            last_logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
         cache.compress("prefill")
-        prefill_seconds = time.perf_counter() - start
+        cache.settle()  # free the prompt's dropped tokens now, not at the first append
+        prefill_seconds = time.perf_counter() - start + (prefilled.seconds if shared else 0.0)
         peak = cache.kv_bytes()
         decode_start = time.perf_counter()
         compress_before = cache.compress_seconds
         step = 1
         while True:
-            logits = out.logits[0, -1]
+            logits = last_logits
             if keep_logits:
                 kept_logits.append(logits.clone())
             token, last = choose(step, logits)
@@ -139,9 +151,11 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
                 break
             cache.run.decode_step = step
             out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            last_logits = out.logits[0, -1]
             cache.compress("decode")
             peak = max(peak, cache.kv_bytes())
             step += 1
+        cache.settle()  # a compaction deferred to the next append that never came
         decode_seconds = time.perf_counter() - decode_start
     stats = Stats(
         prompt_tokens=int(input_ids.shape[1]),

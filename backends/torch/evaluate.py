@@ -59,6 +59,8 @@ class Evaluator:
     def token_scores(self, expr) -> torch.Tensor:
         """[Hkv, T]: the expression averaged over observed queries; -inf where invalid."""
         value = self.tensor(expr)
+        if value.shape[1] == 1:  # one row (states, key norms): its own mean; + 0.0 turns -0.0 into 0.0 as the sum below does
+            return (value[:, 0] + 0.0).masked_fill(~self.inputs.valid, NEG_INF)
         finite = torch.isfinite(value)
         mean = signals.sum_over(torch.where(finite, value, torch.zeros_like(value)), 1) / finite.sum(dim=1).clamp(min=1)
         all_masked = ~finite.any(dim=1)

@@ -24,7 +24,7 @@ from kvpolicy.plan import PHYSICAL_LAYOUTS, Plan, lower
 from kvpolicy.runtime.window import QueryWindow
 
 from . import select as sel
-from .calibrate import Calibrator, references_of
+from .calibrate import Calibrator, FitResult, references_of
 from .evaluate import Evaluator, LayerInputs
 from .merge import merge_evicted
 
@@ -77,6 +77,7 @@ class TorchPolicy:
         self.plan: Plan = lower(self.ir)
         self._check_shape()
         self.calibrators = {c.name: Calibrator(self.ir, c) for c in self.ir.calibrations}
+        self.calibration_files = self._load_calibration_files()
 
     # ------------------------------------------------------------- load-time checks
 
@@ -100,12 +101,15 @@ class TorchPolicy:
             if index >= s.num_layers:
                 problems.append(("skip", None, f"skip names layer {index}, but {s.name} has {s.num_layers} layers (0..{s.num_layers - 1})"))
                 break
-        for cal in self.ir.calibrations:
-            if cal.fit.kind == "file":
-                problems.append(("calibrate", cal.name, f"calibrate {cal.name}: calibration files are not supported by the torch backend yet"))
+        # Stored tiers are held by the HF engine (backends/hf/stores.py). New
+        # tokens arrive at native precision (attention reads them in the same
+        # forward), and a flatten_sum layer has its own per-head storage.
+        flatten_sum = next((t.name for t in self.ir.cascade if t.layout == "flatten_sum"), None)
         for tier in self.ir.cascade:
-            if tier.store != "native":
-                problems.append(("tier", tier.name, f"tier {tier.name}: store {tier.store} is not supported by the torch backend yet"))
+            if tier.store != "native" and tier.source == "new":
+                problems.append(("tier", tier.name, f"tier {tier.name}: store {tier.store} is not supported on the tier that receives new tokens; store them in a later tier (KIVI keeps recent tokens at full precision)"))
+            elif tier.store != "native" and flatten_sum is not None:
+                problems.append(("tier", tier.name, f"tier {tier.name}: store {tier.store} cannot be combined with layout flatten_sum (tier {flatten_sum}) yet"))
         if problems:
             raise self._located(problems)
 
@@ -157,12 +161,11 @@ class TorchPolicy:
         protected, applies = self._protected(layer, inputs)
         if self.ir.cascade:
             return self._cascade(run, layer, inputs, evaluator, protected)
-        kept = inputs.valid.clone()
         candidates = inputs.valid & ~protected
         scored = torch.zeros_like(inputs.valid)
         for keep in self.ir.keeps:
-            if not self._keep_applies(keep, layer):
-                continue
+            if not self._keep_applies(keep, layer) or sel.is_positional(keep.select):
+                continue  # first/last tokens are already in `protected`
             heads = self._head_mask(keep)
             if keep.per == "layer" and isinstance(keep.select, ir.TopK):
                 chosen = sel.per_layer_top_k(evaluator.token_scores(keep.select.score), candidates & heads[:, None], self._count(keep, layer)(keep.select.count), keep.floor)
@@ -175,16 +178,49 @@ class TorchPolicy:
 
     # ------------------------------------------------------------- pieces
 
+    def _load_calibration_files(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`fit from "FILE"`: name -> (values, errors) [layers, kv_heads], read
+        once, checked against the model's shape and the calibration's hash
+        (errors positioned at the `fit from` line when the source is known)."""
+        from kvpolicy import calibration_file
+
+        out = {}
+        for cal in self.ir.calibrations:
+            if cal.fit.kind == "file":
+                s = self.shape
+                cf = calibration_file.load_for(self.source or self.ir, cal.name, s.num_layers, s.num_kv_heads, s.name)
+                out[cal.name] = (torch.from_numpy(cf.values[cal.name].copy()), torch.from_numpy(cf.errors[cal.name].copy()))
+        return out
+
+    def calibrate_layer(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> dict[str, FitResult]:
+        """Fit every calibration on one layer now, whatever its `fit` clause
+        says, and record the values in `run` (what `kvpolicy calibrate` runs
+        after a prefill; the online fit sees the same inputs)."""
+        if self.plan.observe_window:
+            window = run.windows[layer]
+            inputs.queries, inputs.query_pos = window.queries, window.positions
+        results = {}
+        for cal in self.ir.calibrations:
+            results[cal.name] = result = self.calibrators[cal.name].fit(inputs)
+            run.temperatures[(cal.name, layer)] = result.temperature
+            run.fit_errors[(cal.name, layer)] = result.error
+        return results
+
     def _temperatures(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         out = {}
         for cal in self.ir.calibrations:
             key = (cal.name, layer)
-            count = run.compressions[layer]
-            refit = cal.fit.kind == "every" and (count - 1) % cal.fit.every == 0
-            if key not in run.temperatures or refit:
-                result = self.calibrators[cal.name].fit(inputs)
-                run.temperatures[key] = result.temperature
-                run.fit_errors[key] = result.error
+            if cal.fit.kind == "file":
+                if key not in run.temperatures:
+                    values, errors = self.calibration_files[cal.name]
+                    run.temperatures[key], run.fit_errors[key] = values[layer], errors[layer]
+            else:
+                count = run.compressions[layer]
+                refit = cal.fit.kind == "every" and (count - 1) % cal.fit.every == 0
+                if key not in run.temperatures or refit:
+                    result = self.calibrators[cal.name].fit(inputs)
+                    run.temperatures[key] = result.temperature
+                    run.fit_errors[key] = result.error
             t = run.temperatures[key]
             out[cal.name] = t if t.numel() == inputs.num_kv else t.expand(inputs.num_kv)
         return out
@@ -231,7 +267,7 @@ class TorchPolicy:
 
     def _cascade(self, run: SequenceRun, layer: int, inputs: LayerInputs, evaluator: Evaluator, protected: torch.Tensor) -> LayerDecision:
         """Tiers: new tokens sit in tier 0. At compression c, each later tier
-        whose `every` divides c takes the tokens of its source tier and its
+        due at c (c = 1, 1 + every, 1 + 2 every, ...) takes the tokens of its source tier and its
         own: with a select, the chosen (and protected) ones stay, the rest are
         evicted; without one, all move. The event is physical if any tier that
         ran stores its tokens contiguously, else a mask update."""
@@ -242,7 +278,7 @@ class TorchPolicy:
         physical = False
         values = None
         for index, tier in enumerate(self.ir.cascade[1:], start=1):
-            if count % tier.every:
+            if (count - 1) % tier.every:  # every N compressions, the first included
                 continue
             source = names.index(tier.source)
             members = kept & ((tiers == source) | (tiers == index))

@@ -26,6 +26,11 @@ def positional(sel, valid: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     n = sel.count
     if n == 0:
         return torch.zeros_like(valid)
+    if bool(valid.all()) and bool((key_pos[:, 1:] > key_pos[:, :-1]).all()):
+        # Slots already in logical order (the usual case): ranks are slot indices.
+        slots = torch.arange(valid.shape[-1])
+        ranks = slots if isinstance(sel, ir.First) else valid.shape[-1] - 1 - slots
+        return (ranks < n).expand_as(valid).clone()
     far = torch.iinfo(torch.long).max
     if isinstance(sel, ir.First):
         order_key = key_pos.masked_fill(~valid, far)
@@ -36,22 +41,47 @@ def positional(sel, valid: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     return (ranks < n) & valid
 
 
+def _keyed(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Scores ready for ranking: non-candidates -inf, below every candidate."""
+    keyed = scores.masked_fill(~candidates, NEG_INF)
+    # -inf scores of real candidates must still outrank non-candidates.
+    return torch.where(candidates & torch.isneginf(keyed), torch.full_like(keyed, -torch.finfo(torch.float32).max), keyed)
+
+
 def _ranked(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Slot indices per head, best candidate first (stable: earlier slot wins ties);
     non-candidates come last."""
-    keyed = scores.masked_fill(~candidates, NEG_INF)
-    # -inf scores of real candidates must still outrank non-candidates.
-    keyed = torch.where(candidates & torch.isneginf(keyed), torch.full_like(keyed, -torch.finfo(torch.float32).max), keyed)
-    return torch.sort(keyed, dim=-1, descending=True, stable=True).indices
+    return torch.sort(_keyed(scores, candidates), dim=-1, descending=True, stable=True).indices
 
 
 def top_k(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    order = _ranked(scores, candidates)
-    take = torch.zeros_like(candidates)
+    """The first min(k, candidates) slots of each head's `_ranked` order,
+    found without sorting every score (decode-time eviction runs this at
+    every step, over every layer's heads): all candidates above the k-th
+    best value, then the earliest of those equal to it."""
     counts = candidates.sum(dim=-1).clamp(max=k)
-    for head in range(scores.shape[0]):
-        take[head, order[head, : int(counts[head])]] = True
-    return take
+    top = int(counts.max()) if counts.numel() else 0
+    if top == 0:
+        return torch.zeros_like(candidates)
+    keyed = _keyed(scores, candidates)
+    if bool(torch.isnan(keyed).any()):  # NaN has no place in a threshold: rank fully
+        return _first_of(torch.sort(keyed, dim=-1, descending=True, stable=True).indices, counts)
+    left_out = candidates.sum(dim=-1) - counts
+    if int(left_out.max()) < top:  # fewer to leave out than to take: the k-th best from below
+        ascending = torch.topk(keyed.masked_fill(~candidates, float("inf")), int(left_out.max()) + 1, dim=-1, largest=False).values
+        kth = ascending.gather(1, left_out[:, None])
+    else:
+        kth = torch.topk(keyed, top, dim=-1).values.gather(1, (counts - 1).clamp(min=0)[:, None])
+    above = (keyed > kth) & candidates
+    ties = (keyed == kth) & candidates
+    room = counts[:, None] - above.sum(dim=-1, keepdim=True)
+    return (above | (ties & (ties.cumsum(dim=-1) <= room))) & (counts[:, None] > 0)
+
+
+def _first_of(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[Hkv, T] mask of the first counts[h] slots of each head's ranking."""
+    taken = torch.arange(order.shape[-1])[None, :] < counts[:, None]
+    return torch.zeros(order.shape, dtype=torch.bool).scatter_(1, order, taken)
 
 
 def top_p(scores: torch.Tensor, candidates: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor, p: float, limit: int | None) -> torch.Tensor:
@@ -66,10 +96,7 @@ def top_p(scores: torch.Tensor, candidates: torch.Tensor, protected: torch.Tenso
     counts = torch.minimum(needed.sum(dim=-1), candidates.sum(dim=-1))
     if limit is not None:
         counts = counts.clamp(max=limit)
-    take = torch.zeros_like(candidates)
-    for head in range(scores.shape[0]):
-        take[head, order[head, : int(counts[head])]] = True
-    return take
+    return _first_of(order, counts)
 
 
 def threshold(scores: torch.Tensor, candidates: torch.Tensor, op: str, value: float) -> torch.Tensor:
@@ -113,6 +140,13 @@ def select(sel, evaluator: Evaluator, candidates: torch.Tensor, protected: torch
         limit = count_for(sel.limit) if sel.limit is not None else None
         return top_p(scores, candidates, protected, valid, sel.p, limit)
     return threshold(scores, candidates, sel.operator, sel.value)
+
+
+def is_positional(sel) -> bool:
+    """first/last only: nothing to score (the engine protects these tokens)."""
+    if isinstance(sel, ir.SelectUnion):
+        return all(is_positional(part) for part in sel.parts)
+    return isinstance(sel, (ir.First, ir.Last))
 
 
 def positional_parts(sel) -> list:

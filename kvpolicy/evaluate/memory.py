@@ -10,18 +10,16 @@ for the same context. How a policy gets there depends on what sizes it:
              measured and reported.
 - search     the count depends on the input: top-p / threshold selections
              (topp, hardkv) or a budget shared by the heads of a layer
-             (adakv). The HF cache holds, per layer, as many slots as its
-             fullest head (flatten_max), so the bytes held are measured on
-             the first sample for candidate values of the size param
-             (`budget`, else `p`) until they are within tolerance of the
-             target (or the probes run out: the closest is used).
+             (adakv). What they hold depends on the input and on the layout
+             (flatten_max: a layer holds as many slots as its fullest head;
+             flatten_sum: each head its own), so the bytes held are
+             measured on the first sample for candidate values of the size
+             param (`budget`, else `p`) until they are within tolerance of
+             the target (or the probes run out: the closest is used).
 - unsized    no size param (e.g. kivi): runs unchanged; bytes measured.
 
-Two adjustments keep a policy valid and physical at small budgets, and are
-said in the setting's explanation: a `window` that would fill the budget is
-halved to fit, and a cascade's `condense` interval is set to 1 so its prefill
-compression frees memory (hardkv's default 2 only masks at prefill, holding
-100% until the second compression, 128 decode steps later).
+One adjustment keeps a policy valid at small budgets, and is said in the
+setting's explanation: a `window` that would fill the budget is halved to fit.
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ from typing import Callable
 from kvpolicy import ir
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.errors import KvpolicyError
+from kvpolicy.plan import lower
 
 TOLERANCE_ABS, TOLERANCE_REL = 0.005, 0.03
 MAX_PROBES = 7
@@ -114,17 +113,6 @@ def knob(policy) -> str | None:
 # ----------------------------------------------------------------- params
 
 
-def adjustments(policy) -> tuple[dict, list[str]]:
-    """Params set whatever the fraction (see the module doc)."""
-    params = policy.ir.params
-    if policy.ir.cascade and "condense" in params and params["condense"].value != 1:
-        return {"condense": 1}, [
-            f"condense=1 (default {params['condense'].value} only masks at the prefill compression, "
-            "holding 100% until the next one)"
-        ]
-    return {}, []
-
-
 def sized(policy, params: dict):
     """policy.with_params(**params), halving `window` if it fills the budget.
     Returns (policy, the params actually set, notes)."""
@@ -155,16 +143,15 @@ def plan_fixed(label: str, policy, fraction: float, context: int) -> tuple[Setti
     method = classify(policy)
     if method == "reference":
         return Setting(label, 1.0, method, {}, "reference: holds every token"), policy
-    extra, notes = adjustments(policy)
     if method == "unsized":
-        sized_policy, params, more = sized(policy, extra)
-        how = "; ".join(["no size param: runs with its own params"] + notes + more)
+        sized_policy, params, more = sized(policy, {})
+        how = "; ".join(["no size param: runs with its own params"] + more)
         return Setting(label, fraction, method, params, how), sized_policy
     if method != "fixed":
         raise ValueError(f"{label} needs a measured search")
     budget = fixed_budget(fraction, context)
-    sized_policy, params, more = sized(policy, dict(extra, budget=budget))
-    how = "; ".join([f"budget={budget} (= {fraction:g} x {context} tokens)"] + notes + more)
+    sized_policy, params, more = sized(policy, {"budget": budget})
+    how = "; ".join([f"budget={budget} (= {fraction:g} x {context} tokens)"] + more)
     return Setting(label, fraction, method, params, how), sized_policy
 
 
@@ -239,11 +226,12 @@ def cap_of(policy) -> int | None:
 def plan_search(label: str, policy, fraction: float, context: int, measure_policy) -> tuple[Setting, object]:
     """Measured search; measure_policy(policy) -> held fraction after prefill.
 
-    A policy with a capped budget and a `p` (hardkv: cap 2 x budget + window)
-    first gets the largest budget whose cap fits the target, so no head can
-    exceed it; when top-p keeps fewer tokens than that, `p` is raised until
-    the bytes held reach the target. Otherwise the one size param is searched."""
-    extra, notes = adjustments(policy)
+    A policy with a budget and a `p` (hardkv: cap 2 x budget + window) stored
+    flatten_sum gets the fixed policies' budget and a searched `p`. Stored
+    flatten_max (a layer pays for its fullest head), it first gets the
+    largest budget whose cap fits the target, so no head can exceed it; when
+    top-p keeps fewer tokens than that, `p` is raised until the bytes held
+    reach the target. Otherwise the one size param is searched."""
     params = policy.ir.params
     target_tokens = max(1, round(fraction * context))
     cache: dict[tuple, tuple] = {}
@@ -251,14 +239,25 @@ def plan_search(label: str, policy, fraction: float, context: int, measure_polic
     def build(**values):
         key = tuple(sorted(values.items()))
         if key not in cache:
-            cache[key] = sized(policy, dict(extra, **values))
+            cache[key] = sized(policy, values)
         return cache[key]
 
     has_p = "p" in params and params["p"].unit == "prob"
     name = knob(policy)
     steps: list[str] = []
     fixed: dict = {}
-    if name == "budget" and has_p and cap_of(build(budget=context)[0]) is not None:
+    per_head_bytes = lower(policy.ir).storage_layout == "flatten_sum"
+    if name == "budget" and has_p and per_head_bytes:
+        # Each head pays only for its own tokens: the budget is the fixed
+        # policies' one (hardkv's cap 2 x budget + window lets a diffuse head
+        # hold more than a focused one, as the method intends) and p is
+        # searched until the bytes held reach the target.
+        fixed = {"budget": fixed_budget(fraction, context)}
+        held0 = measure_policy(build(**fixed)[0])
+        steps.append(f"budget={fixed['budget']} (= {fraction:g} x {context} tokens) holds {held0:.1%}")
+        name = "p"
+        known = {float(params["p"].value): held0}
+    elif name == "budget" and has_p and cap_of(build(budget=context)[0]) is not None:
         lo, hi = 1, context  # the largest budget whose cap fits the target (compile only)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -288,7 +287,7 @@ def plan_search(label: str, policy, fraction: float, context: int, measure_polic
     verdict = "within tolerance" if abs(held - fraction) <= tolerance(fraction) else "closest reachable"
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
     how = f"{shown} (searched {name}: holds {held:.1%} after prefill on the first sample, {verdict}, {len(probes)} probes)"
-    how = "; ".join([how] + notes + more)
+    how = "; ".join([how] + more)
     return Setting(label, fraction, "search", set_params, how, held, [(round(a, 6), round(b, 5)) for a, b in probes]), sized_policy
 
 

@@ -3,9 +3,12 @@
     config = validate(...)          # every check, before any model work
     run(config)                     # samples -> results JSON (+ table, PNG)
 
-For each sample, the full cache runs once (teacher-forced over the
-continuation, plus greedy decoding for the answer when needed) and every
-policy at every memory fraction is compared with that one reference. A
+For each sample, the prompt is prefilled once with the full cache and every
+policy that compresses after the prefill starts from a copy of it (exact; H2O
+and other policies accumulating state during the prefill run their own).
+The full cache's run (teacher-forced over the continuation, plus greedy
+decoding for the answer when needed) is the reference every policy at every
+memory fraction is compared with. A
 policy's params for a memory fraction are set on first need (memory.py; a
 measured search uses the first sample processed) and stored in the results,
 so --resume reuses them. The results file is rewritten after every finished
@@ -146,8 +149,7 @@ def validate(policy: str, task: str, context: int, memory: str, samples: int, se
         for fraction in memories:
             if method == "search":
                 start = mem.fixed_budget(fraction, prompt_tokens) if mem.knob(pol) == "budget" else pol.ir.params["p"].value
-                extra, _ = mem.adjustments(pol)
-                mem.sized(pol, dict(extra, **{mem.knob(pol): start}))
+                mem.sized(pol, {mem.knob(pol): start})
             else:
                 mem.plan_fixed(label, pol, fraction, prompt_tokens)
     json_out = Path(json_path)
@@ -196,17 +198,28 @@ class Evaluator:
     def ids(self, sample):
         return self.torch.tensor([list(sample.prompt_ids)])
 
-    def held_after_prefill(self, sample, policy) -> float:
-        stats = kvpolicy.hf.score(self.model, self.ids(sample), [sample.answer_ids[0]], policy=policy).stats
+    def prefill(self, sample, window: int, states: list) -> list:
+        """The sample's full-cache prefills, shared by every policy that
+        compresses after the prefill (backends/hf/prefill.py: bit-identical
+        forks): one plain, and one accumulating `states` when some policy
+        needs them."""
+        ids = self.ids(sample)
+        shared = [kvpolicy.hf.prefill(self.model, ids, window=window)]
+        if states:
+            shared.append(kvpolicy.hf.prefill(self.model, ids, window=window, states=states))
+        return shared
+
+    def held_after_prefill(self, sample, policy, prefilled=None) -> float:
+        stats = kvpolicy.hf.score(self.model, self.ids(sample), [sample.answer_ids[0]], policy=policy, prefilled=prefilled).stats
         return stats.kv_bytes / stats.kv_bytes_full
 
-    def run(self, sample, policy, reference=None) -> tuple[dict, object]:
+    def run(self, sample, policy, reference=None, prefilled=None) -> tuple[dict, object]:
         """One teacher-forced pass (KL, top-1, ppl, log P(answer)); greedy
         decoding only when the teacher-forced argmax leaves the gold answer."""
         m = self.metrics
         start = time.perf_counter()
         answer = list(sample.answer_ids)
-        scored = kvpolicy.hf.score(self.model, self.ids(sample), answer, policy=policy)
+        scored = kvpolicy.hf.score(self.model, self.ids(sample), answer, policy=policy, prefilled=prefilled)
         lp = scored.logprobs
         ref = lp if reference is None else reference
         kl = m.kl_per_position(ref, lp)
@@ -225,7 +238,7 @@ class Evaluator:
                 record.update(correct=True, greedy="teacher-forced")  # greedy emits the gold tokens first
             else:
                 res = kvpolicy.hf.generate(self.model, self.tok, self.ids(sample), policy=policy,
-                                           max_new_tokens=len(answer) + ANSWER_SLACK)
+                                           max_new_tokens=len(answer) + ANSWER_SLACK, prefilled=prefilled)
                 record.update(correct=m.contains_answer(res.text, sample.answer), output=res.text, greedy="generated")
         record.update(_record_stats(scored.stats))
         record["seconds"] = round(time.perf_counter() - start, 3)
@@ -277,8 +290,17 @@ def _run_samples(config: Config, store: Store, work: list[tuple[str, int]]) -> N
 
         torch.set_num_threads(config.threads)
     model, tok = kvpolicy.models.load(MODEL)
-    store.data["environment"] = environment(MODEL, str(kvpolicy.models.path(MODEL)))
-    store.data["environment"]["policy_hashes"] = {label: pol.hash for label, pol in config.policies.items()}
+    env = environment(MODEL, str(kvpolicy.models.path(MODEL)))
+    env["policy_hashes"] = {label: pol.hash for label, pol in config.policies.items()}
+    if store.data["environment"]:  # resumed: the first run's environment stays, this one is logged
+        store.data.setdefault("history", [{}])[-1]["environment"] = env
+    else:
+        store.data["environment"] = env
+    for done in store.samples:  # the samples kept must be the ones this machine generates
+        again = task_mod.make(done["task"], tok, config.prompt_tokens, config.seed, done["index"], config.text_tokens)
+        if again.fingerprint != done["fingerprint"]:
+            raise EvalError(f"{done['id']} in {config.json_path} differs from the sample generated here "
+                            "(another tokenizer or other prose on this machine); drop --resume")
     evaluator = Evaluator(model, tok)
     settings = {(s["policy"], s["memory"]): mem.Setting.from_json(s) for s in store.settings}
     sized_policies: dict[tuple, object] = {}
@@ -291,8 +313,10 @@ def _run_samples(config: Config, store: Store, work: list[tuple[str, int]]) -> N
         else:
             plan.extend((label, fraction) for fraction in config.memories)
     progress = Progress(len(work) * (1 + len(plan)), quiet=config.quiet)
+    window = max(pol.ir.observe or 0 for pol in config.policies.values())  # sizing only shrinks windows
+    states = [state for pol in config.policies.values() for state in pol.ir.states]
 
-    def policy_for(label: str, fraction, sample):
+    def policy_for(label: str, fraction, sample, prefilled):
         key = (label, fraction)
         if key in sized_policies:
             return sized_policies[key]
@@ -306,7 +330,7 @@ def _run_samples(config: Config, store: Store, work: list[tuple[str, int]]) -> N
                 progress.note(f"sizing {label} to {fraction:g} of the full cache on {sample.id} (measured search)")
 
                 def measure(policy):
-                    held = evaluator.held_after_prefill(sample, policy)
+                    held = evaluator.held_after_prefill(sample, policy, prefilled)
                     shown = ", ".join(f"{k}={v}" for k, v in policy.params().items() if k in ("budget", "p"))
                     progress.note(f"  {label} {shown}: holds {held:.1%}")
                     return held
@@ -329,13 +353,14 @@ def _run_samples(config: Config, store: Store, work: list[tuple[str, int]]) -> N
                 raise EvalError(f"cannot generate {task}#{index}: {err}") from None
             record = _sample_header(sample)
             progress.step(f"{sample.id} full")
-            full_run, reference = evaluator.run(sample, config.policies["full"])
+            prefilled = evaluator.prefill(sample, window, states)
+            full_run, reference = evaluator.run(sample, config.policies["full"], prefilled=prefilled)
             full_run.update(policy="full", memory=1.0, params={}, policy_hash=config.policies["full"].hash)
             runs = [full_run]
             for label, fraction in plan:
-                policy = policy_for(label, fraction, sample)
+                policy = policy_for(label, fraction, sample, prefilled)
                 progress.step(f"{sample.id} {label}" + ("" if fraction is None else f"@{fraction:g}"))
-                result, _ = evaluator.run(sample, policy, reference)
+                result, _ = evaluator.run(sample, policy, reference, prefilled)
                 result.update(policy=label, memory=fraction, params=settings[(label, fraction)].params, policy_hash=policy.hash)
                 runs.append(result)
             record["runs"] = runs

@@ -122,10 +122,22 @@ def corpus(tok) -> Corpus:
     if key not in _CORPORA:
         text = english_text(CORPUS_CHARS)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts = [s for s, _ in enc["offset_mapping"]]
-        line_starts = [i for i, s in enumerate(starts) if i > 0 and s > 0 and text[s - 1] == "\n" and text[s] != "\n"]
+        offsets = enc["offset_mapping"]
+        starts = [s for s, _ in offsets]
+        line_starts = [i for i, (s, e) in enumerate(offsets) if i > 0 and _begins_line(text, s, e)]
         _CORPORA[key] = Corpus(text, list(enc["input_ids"]), starts, line_starts)
     return _CORPORA[key]
+
+
+def _begins_line(text: str, s: int, e: int) -> bool:
+    """The token text[s:e] holds the first word of a line: only indentation
+    lies between the previous newline and it (the tokenizer may have put that
+    indentation, or one space of it, into this token or the newline's)."""
+    word = s + len(text[s:e]) - len(text[s:e].lstrip())
+    if word >= e or word == 0:
+        return False  # a whitespace-only token, or the very start
+    newline = text.rfind("\n", 0, word)
+    return newline >= 0 and newline < s and not text[newline + 1 : word].strip()
 
 
 def _encode(tok, text: str) -> list[int]:
