@@ -395,10 +395,10 @@ def test_suites_set_defaults_and_one_prefill_serves_a_sample(fake_model, capsys,
     config = seen["config"]
     assert list(config.policies) == command.HARDKV_QUICK["policy"].split(",")
     assert config.context == command.HARDKV_QUICK["context"] and config.samples == command.HARDKV_QUICK["samples"]
-    assert cli.main(["eval", "--suite", "hardkv", "--samples", "1", "--json", str(tmp_path / "h.json")]) == 0
+    assert cli.main(["eval", "--suite", "hardkv", "--samples", "3", "--json", str(tmp_path / "h.json")]) == 0
     config = seen["config"]
-    assert config.tasks == command.HARDKV["task"].split(",") and config.samples == 1  # explicit flags win
-    assert {"hardkv", "hardkv_rkv", "snapkv", "rkv", "h2o", "streaming_llm", "adakv", "topp"} <= set(config.policies)
+    assert config.tasks == command.HARDKV["task"].split(",") and config.samples == 3  # explicit flags win
+    assert {"hardkv", "snapkv", "h2o", "streaming_llm", "adakv", "topp"} <= set(config.policies)
     monkeypatch.undo()
     monkeypatch.setattr(kvpolicy.models, "load", lambda name: (None, fake_model.tok))
     monkeypatch.setattr(runner, "Evaluator", FakeEvaluator)

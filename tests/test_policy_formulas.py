@@ -469,6 +469,11 @@ def direct_hardkv_sparse(case: Case, p: float, budget: int, window: int, tempera
     calibrated metric (averaged over the observed queries), at most
     2 * budget - 1, plus the protected sink and window."""
     s = hardkv_metric(group_max_logits(case, window), temperature).mean(dim=1)
+    return sparse_tier(case, s, p, budget, window, rel)
+
+
+def sparse_tier(case: Case, s: torch.Tensor, p: float, budget: int, window: int, rel: float):
+    """Per head: top_p of s [Hkv, T], at most 2 * budget - 1, plus the sink and window."""
     held = list(range(case.T))
     protected = {0} | set(range(case.T - window, case.T))
     candidates = [j for j in held if j not in protected]
@@ -488,14 +493,7 @@ def direct_hardkv_rkv_sparse(case: Case, p: float, budget: int, window: int, lam
     shifted = combined - combined.amin(dim=-1, keepdim=True)
     m = shifted / shifted.sum(dim=-1, keepdim=True)
     s = torch.softmax(torch.log(m) / temperature.double()[:, None, None], dim=-1).mean(dim=1)
-    held = list(range(case.T))
-    protected = {0} | set(range(case.T - window, case.T))
-    candidates = [j for j in held if j not in protected]
-    out = []
-    for h in range(case.hkv):
-        want, excused = top_p(s[h].tolist(), held, candidates, protected, p, 2 * budget - 1, rel)
-        out.append((want | protected, excused))
-    return out
+    return sparse_tier(case, s, p, budget, window, rel)
 
 
 def cam_scores(case: Case, window: int) -> torch.Tensor:

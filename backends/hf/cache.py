@@ -260,6 +260,9 @@ class PolicyCache(Cache):
                 decision = self.engine.compress_layer(self.run, index, inputs)
                 layer.apply(decision.kept, decision.physical, decision.values, decision.tiers)
                 self.compressions += 1
+        if phase == "prefill":  # free the prompt's dropped tokens now, not at the first append
+            for layer in self.layers:
+                layer.settle()
         self.compress_seconds += time.perf_counter() - start
 
     def settle(self) -> None:

@@ -135,7 +135,6 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
         else:
             last_logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
         cache.compress("prefill")
-        cache.settle()  # free the prompt's dropped tokens now, not at the first append
         prefill_seconds = time.perf_counter() - start + (prefilled.seconds if shared else 0.0)
         peak = cache.kv_bytes()
         decode_start = time.perf_counter()
