@@ -812,29 +812,25 @@ def test_cam_selection_and_merge(case, data):
     assert torch.equal(got[~decision.kept], case.v.double()[~decision.kept]), f"{what}: evicted slots were changed"
 
 
+def direct_sparse_tier(name: str):
+    """The direct formula of a HARD-KV flavour's first compression."""
+    if name == "hardkv":
+        return direct_hardkv_sparse
+    return lambda case, p, budget, window, temperature, rel: direct_hardkv_rkv_sparse(case, p, budget, window, 0.07, temperature, rel)
+
+
+@pytest.mark.parametrize("name", ["hardkv", "hardkv_rkv"])
 @EXAMPLES
 @given(case=random_cases(), data=st.data())
-def test_hardkv_sparse_tier(case, data):
+def test_hardkv_sparse_tier(name, case, data):
     window = data.draw(st.integers(1, case.T - 2), label="window")
     budget = data.draw(st.integers(1, case.T), label="budget")
     p = data.draw(st.sampled_from([0.5, 0.8, 0.9, 0.95]), label="p")
-    decision, run = backend_prefill(kvpolicy.load("hardkv", p=p, budget=budget, window=window), case)
+    decision, run = backend_prefill(kvpolicy.load(name, p=p, budget=budget, window=window), case)
     temperature = run.temperatures[("T", 0)]
     assert temperature.shape == (case.hkv,)
-    assert_kept(decision.kept, direct_hardkv_sparse(case, p, budget, window, temperature, REL_TOL),
-                f"hardkv(p={p}, budget={budget}, window={window}) sparse tier, T={temperature.tolist()}")
-
-
-@EXAMPLES
-@given(case=random_cases(), data=st.data())
-def test_hardkv_rkv_sparse_tier(case, data):
-    window = data.draw(st.integers(1, case.T - 2), label="window")
-    budget = data.draw(st.integers(1, case.T), label="budget")
-    p = data.draw(st.sampled_from([0.5, 0.8, 0.9, 0.95]), label="p")
-    decision, run = backend_prefill(kvpolicy.load("hardkv_rkv", p=p, budget=budget, window=window), case)
-    temperature = run.temperatures[("T", 0)]
-    assert_kept(decision.kept, direct_hardkv_rkv_sparse(case, p, budget, window, 0.07, temperature, REL_TOL),
-                f"hardkv_rkv(p={p}, budget={budget}, window={window}) sparse tier, T={temperature.tolist()}")
+    assert_kept(decision.kept, direct_sparse_tier(name)(case, p, budget, window, temperature, REL_TOL),
+                f"{name}(p={p}, budget={budget}, window={window}) sparse tier, T={temperature.tolist()}")
 
 
 # --------------------------------------------------------------------- exact ties
@@ -1015,14 +1011,10 @@ def _model_check(name: str, case: Case, layer: int, layers: int):
         assert_kept(decision.kept, direct_cam(case, B, 32, REL_TOL), what)
         values, comparable = direct_cam_values(case, decision.kept, cam_scores(case, 32))
         assert torch.allclose(decision.values.double()[comparable], values[comparable], rtol=1e-4, atol=1e-5), f"{what}: merged values"
-    elif name == "hardkv":
+    elif name in ("hardkv", "hardkv_rkv"):
         decision, run = backend_prefill(kvpolicy.load(name, budget=B), case, layer=layer, layers=layers)
         temperature = run.temperatures[("T", layer)]
-        assert_kept(decision.kept, direct_hardkv_sparse(case, 0.9, B, 32, temperature, REL_TOL), f"{what}, T={temperature.tolist()}")
-    elif name == "hardkv_rkv":
-        decision, run = backend_prefill(kvpolicy.load(name, budget=B), case, layer=layer, layers=layers)
-        temperature = run.temperatures[("T", layer)]
-        expected = direct_hardkv_rkv_sparse(case, 0.9, B, 32, 0.07, temperature, REL_TOL)
+        expected = direct_sparse_tier(name)(case, 0.9, B, 32, temperature, REL_TOL)
         assert_kept(decision.kept, expected, f"{what}, T={temperature.tolist()}")
     else:
         raise AssertionError(name)

@@ -83,3 +83,10 @@ def register() -> None:
     """Make "kvpolicy" an attention implementation transformers can select."""
     AttentionInterface.register(NAME, policy_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def install(model) -> None:
+    """Register "kvpolicy" and make `model` attend through it."""
+    register()
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)

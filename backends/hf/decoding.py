@@ -62,9 +62,7 @@ def resolve_policy(policy):
 
 def prepare(model, policy) -> TorchPolicy:
     """The torch engine for this model; installs the attention function."""
-    attention.register()
-    if model.config._attn_implementation != attention.NAME:
-        model.set_attn_implementation(attention.NAME)
+    attention.install(model)
     return TorchPolicy(resolve_policy(policy), ModelShape.from_config(model.config))
 
 

@@ -95,9 +95,7 @@ def prefill(model, prompt_ids: torch.Tensor, window: int = 64, states=()) -> Pre
     """Run the prompt once with the full cache, keeping what forks need:
     the last `window` queries of every layer and the given states (ir.State
     of the policies to fork, e.g. `policy.ir.states`)."""
-    attention.register()
-    if model.config._attn_implementation != attention.NAME:
-        model.set_attn_implementation(attention.NAME)
+    attention.install(model)
     wanted = {state_key(state): state for state in states}
     engine = _RecordingEngine(ModelShape.from_config(model.config), window, wanted)
     cache = PolicyCache(engine)
