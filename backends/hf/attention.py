@@ -56,27 +56,53 @@ def policy_attention(module, query, key, value, attention_mask, dropout: float =
     group = query.shape[1] // layer.num_kv_heads
     visible = layer.valid[:, None, :] & (layer.positions[:, None, :] <= query_pos[None, :, None])  # [Hkv, n, P]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    outputs, all_probs = [], []
-    for heads, keys, values in groups:  # keys [1, h, L, D]: slots 0..L-1 of these heads
-        length = keys.shape[2]
-        q = query[:, heads.start * group : heads.stop * group]
-        seen = visible[heads, :, :length].repeat_interleave(group, dim=0)[None]  # [1, h*G, n, L]
-        if needs_probs:
-            # One matmul per query head, as always: a grouped matmul rounds
-            # differently, which could change what a state-based policy keeps.
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
-            logits = torch.matmul(q, keys.transpose(2, 3)) * scale
-            probs = torch.softmax(logits.masked_fill(~seen, float("-inf")).float(), dim=-1).nan_to_num(0.0)
-            all_probs.append(F.pad(probs, (0, layer.physical - length)))  # back onto the padded slot axis
-            outputs.append(torch.matmul(probs.to(values.dtype), values))
-        else:
+    if needs_probs:
+        output = _attend_accumulating(query, groups, visible, group, scale, layer, engine)
+    else:
+        outputs = []
+        for heads, keys, values in groups:  # keys [1, h, L, D]: slots 0..L-1 of these heads
+            q = query[:, heads.start * group : heads.stop * group]
+            seen = visible[heads, :, : keys.shape[2]].repeat_interleave(group, dim=0)[None]  # [1, h*G, n, L]
             # enable_gqa reads each kv head once (no repeated copies), with the same result.
             outputs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=seen, scale=scale, enable_gqa=True))
-    if needs_probs:
-        layer.states = engine.accumulate(torch.cat(all_probs, dim=1)[0], layer.states, layer.valid)
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return output.transpose(1, 2).contiguous(), None
+
+
+QUERY_CHUNK = 256  # query rows attended at once when states need the probabilities
+
+
+def _attend_accumulating(query, groups, visible, group: int, scale: float, layer, engine) -> torch.Tensor:
+    """Attention that materialises the probabilities, to accumulate the
+    policy's states from them. Query rows go in chunks: a 4k-token prefill
+    would otherwise hold [heads, 4k, 4k] probabilities at once. States
+    accumulate row by row in order, so chunking does not change them."""
+    chunks = []
+    for start in range(0, query.shape[2], QUERY_CHUNK):
+        rows = slice(start, start + QUERY_CHUNK)
+        outputs, all_probs = [], []
+        for heads, keys, values in groups:  # keys [1, h, L, D]: slots 0..L-1 of these heads
+            seen = visible[heads, rows, : keys.shape[2]]
+            # Slots past the last one these rows may see (the prompt's future,
+            # in a prefill) are left out: half the work of a causal prefill.
+            length = int(seen.any(dim=1).any(dim=0).nonzero().max()) + 1 if bool(seen.any()) else 1
+            seen = seen[:, :, :length].repeat_interleave(group, dim=0)[None]  # [1, h*G, rows, L]
+            q = query[:, heads.start * group : heads.stop * group, rows]
+            # One matmul per query head, as always: a grouped matmul rounds
+            # differently, which could change what a state-based policy keeps.
+            keys = keys[:, :, :length].repeat_interleave(group, dim=1)
+            values = values[:, :, :length].repeat_interleave(group, dim=1)
+            logits = torch.matmul(q, keys.transpose(2, 3)) * scale
+            probs = torch.softmax(logits.masked_fill(~seen, float("-inf")).float(), dim=-1).nan_to_num(0.0)
+            all_probs.append(probs)
+            outputs.append(torch.matmul(probs.to(values.dtype), values))
+        width = max(probs.shape[-1] for probs in all_probs)  # the slots these rows see, from slot 0
+        if len(all_probs) > 1:
+            all_probs = [F.pad(probs, (0, width - probs.shape[-1])) for probs in all_probs]
+        layer.states = engine.accumulate(torch.cat(all_probs, dim=1)[0] if len(all_probs) > 1 else all_probs[0][0],
+                                         layer.states, layer.valid)
+        chunks.append(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
 def register() -> None:

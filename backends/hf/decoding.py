@@ -122,18 +122,18 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
     if any(not torch.equal(option.prompt_ids, input_ids) for option in options):
         raise ValueError("the shared prefill is of another prompt")
     prefilled = next((option for option in options if option.can_fork(engine)), None)
-    shared = prefilled is not None
-    cache = prefilled.fork(engine) if shared else PolicyCache(engine)
+    start = time.perf_counter()
+    if prefilled is not None:  # already compressed for this policy (prefill.py)
+        cache, last_logits = prefilled.compressed(engine), prefilled.logits
+    else:
+        cache = PolicyCache(engine)
+        with attention.active(cache):
+            last_logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        cache.compress("prefill")
+    prefill_seconds = time.perf_counter() - start + (prefilled.seconds if prefilled is not None else 0.0)
     tokens: list[int] = []
     kept_logits: list[torch.Tensor] = []
     with attention.active(cache):
-        start = time.perf_counter()
-        if shared:
-            last_logits = prefilled.logits
-        else:
-            last_logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        cache.compress("prefill")
-        prefill_seconds = time.perf_counter() - start + (prefilled.seconds if shared else 0.0)
         peak = cache.kv_bytes()
         decode_start = time.perf_counter()
         compress_before = cache.compress_seconds

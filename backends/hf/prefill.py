@@ -18,9 +18,10 @@ more queries than were recorded.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +69,8 @@ class Prefilled:
     logits: torch.Tensor  # [vocab] the prompt's last position
     seconds: float
     states: dict[str, list[torch.Tensor]]  # state_key -> per layer [Hkv, n]
+    # The last policy's cache after its prefill compression: (policy IR as JSON, cache).
+    last_compressed: tuple[str, PolicyCache] | None = field(default=None, repr=False, compare=False)
 
     def can_fork(self, engine: TorchPolicy) -> bool:
         wanted = {state_key(state) for state in engine.ir.states}
@@ -88,6 +91,18 @@ class Prefilled:
             if recorded.queries is not None:
                 engine.observe(cache.run, index, recorded.queries, recorded.positions)
         return cache
+
+    def compressed(self, engine: TorchPolicy) -> PolicyCache:
+        """fork(engine), then the policy's prefill compression. The last
+        policy's result is kept and copied, so scoring and then generating
+        under one policy compresses (and calibrates) once."""
+        key = engine.ir.model_dump_json()
+        if self.last_compressed is None or self.last_compressed[0] != key:
+            cache = self.fork(engine)
+            cache.compress("prefill")
+            self.last_compressed = (key, cache)
+        kept = self.last_compressed[1]
+        return copy.deepcopy(kept, memo={id(kept.engine): engine})
 
 
 @torch.inference_mode()

@@ -73,14 +73,54 @@ def references_of(expr, policy: ir.Policy, seen=None) -> set[str]:
     return found
 
 
-def _row_mass(metric: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[Hkv, Q]: sum of the counts[h, q] largest normalised entries of each row."""
-    values = torch.where(valid[:, None, :] & torch.isfinite(metric), metric, torch.zeros_like(metric)).clamp(min=0)
-    values = values / values.sum(dim=-1, keepdim=True).clamp(min=1e-30)
-    ordered = values.sort(dim=-1, descending=True).values
-    cumulative = ordered.cumsum(dim=-1)
-    index = (counts - 1).clamp(min=0, max=ordered.shape[-1] - 1).long()
-    return cumulative.gather(-1, index[..., None]).squeeze(-1)
+def independent_parts(expr, policy: ir.Policy, name: str) -> list:
+    """The largest subexpressions of `expr` (through named scores) that do
+    not depend on calibration `name`."""
+    if name not in references_of(expr, policy):
+        return [expr]
+    if isinstance(expr, ir.Ref):  # a named score that depends on it
+        children = [policy.scores[expr.name]] if expr.kind == "score" else []
+    elif isinstance(expr, ir.Apply):
+        children = list(expr.args)
+    elif isinstance(expr, ir.Arith):
+        children = [expr.left, expr.right]
+    elif isinstance(expr, ir.Negate):
+        children = [expr.operand]
+    else:
+        children = []
+    return [part for child in children for part in independent_parts(child, policy, name)]
+
+
+ROUNDING = 1e-6  # relative slack of the order check in _RowMass
+
+
+class _RowMass:
+    """[Hkv, Q]: sum of the counts[h, q] largest normalised entries of each
+    row of a metric. The solver asks at many temperatures, and T rarely
+    changes *which* entries are a row's largest (softmax(x / T) keeps the
+    order, up to exp's rounding and entries that underflow to ties), so the
+    last set is tried first: the rows are sorted again only if its smallest
+    entry falls below the largest one outside it by more than a rounding
+    error (such a swap moves the mass by ~1e-7, far below tol)."""
+
+    def __init__(self, valid: torch.Tensor, counts: torch.Tensor):
+        self.valid = valid[:, None, :]
+        self.counts = counts.clamp(min=1, max=valid.shape[-1]).long()[..., None]  # [Hkv, Q, 1]
+        self.top: torch.Tensor | None = None  # [Hkv, Q, T] bool: the counted entries of each row
+
+    def __call__(self, metric: torch.Tensor) -> torch.Tensor:
+        values = torch.where(self.valid & torch.isfinite(metric), metric, torch.zeros_like(metric)).clamp(min=0)
+        values = values / values.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+        if self.top is None or not self._still_largest(values.detach()):
+            order = values.detach().argsort(dim=-1, descending=True)
+            rank = torch.arange(values.shape[-1]).expand_as(order)
+            self.top = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, rank < self.counts)
+        return torch.where(self.top, values, torch.zeros_like(values)).sum(dim=-1)
+
+    def _still_largest(self, values: torch.Tensor) -> bool:
+        smallest_in = torch.where(self.top, values, torch.full_like(values, float("inf"))).amin(dim=-1)
+        largest_out = torch.where(self.top, torch.zeros_like(values), values).amax(dim=-1)
+        return bool((smallest_in >= largest_out * (1 - ROUNDING)).all())
 
 
 def _normal_copy(inputs: LayerInputs) -> LayerInputs:
@@ -131,12 +171,21 @@ class Calibrator:
             for name in base.memo
             if self.cal.name not in references_of(self.policy.scores[name], self.policy)
         }
+        # So are the metric's parts that do not depend on T (R-KV's 4k x 4k
+        # redundancy, a max-pool): the solver's steps only redo what T changes.
+        fixed = {}
+        for part in independent_parts(self.cal.metric, self.policy, self.cal.name):
+            value = Evaluator(self.policy, inputs, memo=shared)._eval(part)
+            if torch.is_tensor(value):
+                fixed[id(part)] = _finite(value)
         heads = inputs.num_kv if self.per_head else 1
+
+        row_mass = _RowMass(inputs.valid, counts)
 
         def mass_at(temperature: torch.Tensor) -> torch.Tensor:
             t = temperature if self.per_head else temperature.expand(inputs.num_kv)
-            evaluator = Evaluator(self.policy, inputs, calibration={self.cal.name: t}, memo=shared)
-            return _row_mass(evaluator.tensor(self.cal.metric), inputs.valid, counts)
+            evaluator = Evaluator(self.policy, inputs, calibration={self.cal.name: t}, memo=shared, fixed=fixed)
+            return row_mass(evaluator.tensor(self.cal.metric))
 
         lo, hi = self.cal.clamp
         solve = self._bisect if self.cal.solver.kind == "bisect" else self._adam

@@ -40,11 +40,13 @@ class LayerInputs:
 class Evaluator:
     """Evaluates expressions of one policy on one layer, each named score once."""
 
-    def __init__(self, policy: ir.Policy, inputs: LayerInputs, calibration: dict[str, torch.Tensor] | None = None, memo: dict | None = None):
+    def __init__(self, policy: ir.Policy, inputs: LayerInputs, calibration: dict[str, torch.Tensor] | None = None,
+                 memo: dict | None = None, fixed: dict | None = None):
         self.policy = policy
         self.inputs = inputs
         self.calibration = calibration or {}  # name -> [Hkv] (or [1]) tensor
         self.memo: dict[str, torch.Tensor] = dict(memo or {})
+        self.fixed = fixed or {}  # id(subexpression of the policy's IR) -> its value, already evaluated
         self._logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------- entry points
@@ -70,6 +72,8 @@ class Evaluator:
     # ------------------------------------------------------------- recursion
 
     def _eval(self, e):
+        if id(e) in self.fixed:
+            return self.fixed[id(e)]
         if isinstance(e, ir.Const):
             return float(e.value)
         if isinstance(e, ir.Ref):

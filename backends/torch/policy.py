@@ -133,17 +133,22 @@ class TorchPolicy:
             run.windows[layer].append(queries, positions)
 
     def accumulate(self, probs: torch.Tensor, states: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token states after one forward: probs [Hq, n, T] are the new
-        queries' attention over the held slots (T includes the new tokens);
+        """Per-token states after one forward: probs [Hq, n, L] are the new
+        queries' attention over the first L held slots (the slots past L are
+        ones no new query sees, e.g. the future of a chunk of a prefill);
         states are [Hkv, T] aligned with the slots (new slots start at 0)."""
         out = {}
-        num_kv = valid.shape[0]
+        num_kv, seen = valid.shape[0], probs.shape[-1]
         for state in self.ir.states:
             current = states[state.name]
-            update = _state_update(state.update, probs, num_kv)  # [n, Hkv, T] one row per new query
-            for row in update:
-                current = state.decay * current + row
-            out[state.name] = current.masked_fill(~valid, 0.0)
+            update = _state_update(state.update, probs, num_kv)  # [Hkv, n, L] one row per new query
+            head, tail = current[:, :seen], current[:, seen:]
+            for row in update.unbind(dim=1):  # query by query, in order, as the method defines it
+                head = state.decay * head + row
+            if state.decay != 1.0:
+                for _ in range(update.shape[1]):
+                    tail = state.decay * tail
+            out[state.name] = torch.cat([head, tail], dim=1).masked_fill(~valid, 0.0)
         return out
 
     def due(self, run: SequenceRun, layer: int, phase: str, held: int) -> bool:
@@ -301,5 +306,4 @@ def _state_update(update, probs: torch.Tensor, num_kv: int) -> torch.Tensor:
         raise KvpolicyError("the torch backend accumulates only attn(...) states")
     from .signals import reduce_group
 
-    grouped = reduce_group(probs.float(), num_kv, update.options["group"])  # [Hkv, n, T]
-    return grouped.transpose(0, 1)  # [n, Hkv, T]
+    return reduce_group(probs.float(), num_kv, update.options["group"])  # [Hkv, n, L]
