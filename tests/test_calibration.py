@@ -155,7 +155,7 @@ def test_fit_from_file_uses_its_values_and_fits_nothing(tmp_path, monkeypatch):
     policy_path.write_text(hardkv_from("cal.safetensors"))
     monkeypatch.chdir(tmp_path)  # cal.safetensors is not here
 
-    def no_fit(self, inputs):
+    def no_fit(self, inputs, scores=None):
         raise AssertionError("fit from a file must not fit")
 
     monkeypatch.setattr(calibrate_module.Calibrator, "fit", no_fit)
@@ -165,7 +165,7 @@ def test_fit_from_file_uses_its_values_and_fits_nothing(tmp_path, monkeypatch):
         assert torch.equal(run.temperatures[("T", layer)], torch.from_numpy(values[layer]))
         assert torch.equal(run.fit_errors[("T", layer)], torch.full((2,), 0.005))
 
-    def fake_fit(self, inputs, _layer=iter(range(SMALL.num_layers))):
+    def fake_fit(self, inputs, scores=None, _layer=iter(range(SMALL.num_layers))):
         t = torch.from_numpy(values[next(_layer)].copy())
         return calibrate_module.FitResult(t, torch.zeros(2), torch.zeros(2), 0, torch.ones(2, dtype=torch.bool))
 

@@ -1047,6 +1047,31 @@ def mass_of_largest(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return cumulative.gather(-1, (counts - 1)[..., None]).squeeze(-1)
 
 
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tokens=st.integers(2, 64))
+def test_calibration_mass_reusing_the_last_largest_set_is_the_direct_mass(seed, tokens):
+    """The solver's mass keeps the last counted set while it still holds the
+    largest entries (calibrate._RowMass): at every call, whatever changed
+    since, it must be the mass of the counts largest entries."""
+    from kvpolicy.backends.torch.calibrate import _RowMass
+
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(2, tokens, generator=g) > 0.2
+    valid[:, 0] = True
+    counts = torch.randint(1, tokens + 1, (2, 3), generator=g)
+    row_mass = _RowMass(valid, counts)
+    logits = torch.randn(2, 3, tokens, generator=g)
+    for temperature in (0.5, 0.3, 2.0, 0.01):  # order kept: softmax(x / T), with underflowed ties at 0.01
+        metric = torch.softmax((logits / temperature).masked_fill(~valid[:, None], float("-inf")), dim=-1)
+        direct = mass_of_largest(metric, counts.clamp(max=tokens))
+        assert torch.allclose(row_mass(metric), direct, atol=1e-5)
+    for _ in range(3):  # another metric altogether: the set must be chosen again
+        metric = torch.rand(2, 3, tokens, generator=g) * valid[:, None]
+        metric = metric / metric.sum(dim=-1, keepdim=True)
+        assert torch.allclose(row_mass(metric), mass_of_largest(metric, counts), atol=1e-5)
+
+
 BISECT_POLICY = """
 policy hardkv_bisect "HARD-KV's calibration with the bisection solver" {
   param p: prob = 0.9

@@ -58,3 +58,21 @@ def test_a_prefill_of_another_prompt_is_refused(smollm2, prompt):
     shared = kvpolicy.hf.prefill(model, prompt[:, :100])
     with pytest.raises(ValueError, match="another prompt"):
         kvpolicy.hf.score(model, prompt, [11], policy="snapkv", prefilled=shared)
+
+
+def test_scoring_then_generating_under_one_policy_compresses_the_prompt_once(smollm2, prompt, monkeypatch):
+    from kvpolicy.backends.hf.cache import PolicyCache
+
+    model, tok = smollm2
+    policy = kvpolicy.load("snapkv", budget=150, window=32)
+    own = kvpolicy.hf.generate(model, tok, prompt, policy=policy, max_new_tokens=4, stop_at_eos=False)
+    phases = []
+    compress = PolicyCache.compress
+    monkeypatch.setattr(PolicyCache, "compress", lambda cache, phase: (phases.append(phase), compress(cache, phase))[1])
+    shared = kvpolicy.hf.prefill(model, prompt, window=32)
+    kvpolicy.hf.score(model, prompt, [11, 260], policy=policy, prefilled=shared)
+    forked = kvpolicy.hf.generate(model, tok, prompt, policy=policy, max_new_tokens=4, stop_at_eos=False, prefilled=shared)
+    assert phases.count("prefill") == 1
+    assert forked.tokens == own.tokens and forked.stats.kept == own.stats.kept
+    kvpolicy.hf.score(model, prompt, [11], policy=kvpolicy.load("snapkv", budget=100, window=32), prefilled=shared)
+    assert phases.count("prefill") == 2  # another policy (other params) compresses anew

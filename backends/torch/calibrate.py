@@ -154,30 +154,29 @@ class Calibrator:
         self.p = float(calibration.target.options["p"])
         self.per_head = "kv_head" in calibration.scope
 
-    def fit(self, inputs: LayerInputs) -> FitResult:
+    def fit(self, inputs: LayerInputs, scores: dict | None = None) -> FitResult:
+        """Fit on one layer. `scores`, if given, holds named scores already
+        evaluated on these inputs, and receives the ones the fit evaluates
+        that do not depend on the calibration (the engine's selection reuses
+        them: R-KV's redundancy is not computed twice)."""
         # Engines run under torch.inference_mode; fitting needs autograd, and
         # tensors made in inference mode cannot be saved for backward: copy them.
         with torch.inference_mode(False), torch.enable_grad():
-            return self._fit(_normal_copy(inputs))
+            return self._fit(_normal_copy(inputs), {} if scores is None else scores)
 
-    def _fit(self, inputs: LayerInputs) -> FitResult:
-        base = Evaluator(self.policy, inputs)
-        counts = base._eval(self.cal.target)  # [Hkv, Q] long
-        # Named scores that do not depend on T are computed once and shared.
+    def _fit(self, inputs: LayerInputs, scores: dict) -> FitResult:
+        plain = Evaluator(self.policy, inputs, memo={name: value.clone() for name, value in scores.items()})
+        counts = plain._eval(self.cal.target)  # [Hkv, Q] long
+        # What does not depend on T is evaluated once: the named scores, and
+        # the metric's largest T-free parts (R-KV's redundancy, a max-pool),
+        # so the solver's steps only redo what T changes.
+        parts = {id(part): plain._eval(part) for part in independent_parts(self.cal.metric, self.policy, self.cal.name)}
+        independent = [name for name in plain.memo if self.cal.name not in references_of(self.policy.scores[name], self.policy)]
+        scores.update({name: plain.memo[name] for name in independent})
         # -inf (masked) entries become a huge finite negative: x / T then has a
         # finite gradient (0), where -inf / T would make it NaN.
-        shared = {
-            name: _finite(base.memo[name])
-            for name in base.memo
-            if self.cal.name not in references_of(self.policy.scores[name], self.policy)
-        }
-        # So are the metric's parts that do not depend on T (R-KV's 4k x 4k
-        # redundancy, a max-pool): the solver's steps only redo what T changes.
-        fixed = {}
-        for part in independent_parts(self.cal.metric, self.policy, self.cal.name):
-            value = Evaluator(self.policy, inputs, memo=shared)._eval(part)
-            if torch.is_tensor(value):
-                fixed[id(part)] = _finite(value)
+        shared = {name: _finite(plain.memo[name]) for name in independent}
+        fixed = {key: _finite(value) for key, value in parts.items() if torch.is_tensor(value)}
         heads = inputs.num_kv if self.per_head else 1
 
         row_mass = _RowMass(inputs.valid, counts)

@@ -161,8 +161,9 @@ class TorchPolicy:
         window = run.windows[layer]
         if self.plan.observe_window:
             inputs.queries, inputs.query_pos = window.queries, window.positions
-        calibration = self._temperatures(run, layer, inputs)
-        evaluator = Evaluator(self.ir, inputs, calibration)
+        scores: dict[str, torch.Tensor] = {}  # named scores a calibration fit evaluated, reused below
+        calibration = self._temperatures(run, layer, inputs, scores)
+        evaluator = Evaluator(self.ir, inputs, calibration, memo=scores)
         protected, applies = self._protected(layer, inputs)
         if self.ir.cascade:
             return self._cascade(run, layer, inputs, evaluator, protected)
@@ -211,7 +212,7 @@ class TorchPolicy:
             run.fit_errors[(cal.name, layer)] = result.error
         return results
 
-    def _temperatures(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+    def _temperatures(self, run: SequenceRun, layer: int, inputs: LayerInputs, scores: dict) -> dict[str, torch.Tensor]:
         out = {}
         for cal in self.ir.calibrations:
             key = (cal.name, layer)
@@ -223,7 +224,7 @@ class TorchPolicy:
                 count = run.compressions[layer]
                 refit = cal.fit.kind == "every" and (count - 1) % cal.fit.every == 0
                 if key not in run.temperatures or refit:
-                    result = self.calibrators[cal.name].fit(inputs)
+                    result = self.calibrators[cal.name].fit(inputs, scores)
                     run.temperatures[key] = result.temperature
                     run.fit_errors[key] = result.error
             t = run.temperatures[key]

@@ -115,8 +115,7 @@ def redundancy(keys: torch.Tensor, valid: torch.Tensor, key_pos: torch.Tensor, t
         rows = slice(start, start + REDUNDANCY_ROWS)
         sim = torch.matmul(k[:, rows], k.transpose(1, 2))  # [Hkv, rows, T]
         pair_ok = valid[:, rows, None] & valid[:, None, :] & (slots[rows, None] != slots[None, :])[None]
-        sim = torch.where(pair_ok, sim, torch.zeros_like(sim))
-        sim = torch.where(sim >= threshold, sim, torch.zeros_like(sim))
+        sim.masked_fill_(~(pair_ok & (sim >= threshold)), 0.0)
         later = key_pos[:, None, :] > key_pos[:, rows, None]  # [h, i, j]: j comes after i
         has_later_duplicate = ((sim > 0) & later).any(dim=-1)
         block = sim.sum(dim=-1) / count
