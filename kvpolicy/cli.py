@@ -203,6 +203,7 @@ def cmd_calibrate(args) -> int:
     import torch
 
     from . import calibration_file, models
+    from .backends.hf import fit_text
     from .backends.torch import ModelShape
 
     if args.threads is not None:
@@ -214,7 +215,7 @@ def cmd_calibrate(args) -> int:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and args.tokens > limit:
         raise UsageError(f"--tokens {args.tokens} is more than {args.model} reads ({limit} positions)")
-    ids = calibration_file.english_ids(tok, args.tokens)
+    ids = fit_text.english_ids(tok, args.tokens)
     names = ", ".join(c.name for c in policy.calibrations)
     print(f"kvpolicy: fitting {names} of {policy.name} on {ids.shape[1]} tokens of English text, {shape.num_layers} layers", file=sys.stderr)
 
@@ -222,7 +223,7 @@ def cmd_calibrate(args) -> int:
         if done == total or done % 10 == 0:
             print(f"kvpolicy: {done}/{total} layers fitted", file=sys.stderr)
 
-    fitted = calibration_file.fit_on_text(model, policy, ids, progress)
+    fitted = fit_text.fit_on_text(model, policy, ids, progress)
     model_info = {"name": args.model, "layers": shape.num_layers, "kv_heads": shape.num_kv_heads,
                   "q_heads": shape.num_q_heads, "head_dim": shape.head_dim}
     path = calibration_file.write(

@@ -12,6 +12,7 @@ import kvpolicy
 from kvpolicy import calibration_file as cf
 from kvpolicy import cli
 from kvpolicy.backends.torch import LayerInputs, ModelShape, TorchPolicy
+from kvpolicy.backends.hf import fit_text
 from kvpolicy.backends.torch import calibrate as calibrate_module
 from kvpolicy.diagnostics import PolicyError
 
@@ -302,7 +303,7 @@ def test_calibrate_then_fit_from_reproduces_the_online_fit(smollm2, tmp_path, ca
 
     policy_path = tmp_path / "hardkv_file.kvp"
     policy_path.write_text(hardkv_from(out.name))
-    ids = cf.english_ids(tok, 512)
+    ids = fit_text.english_ids(tok, 512)
     online_sets, online_t = kept_sets(model, kvpolicy.load("hardkv", budget=200), ids)
     file_sets, file_t = kept_sets(model, kvpolicy.load(str(policy_path), budget=200), ids)
     for layer in range(30):
