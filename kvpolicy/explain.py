@@ -6,8 +6,14 @@ from .budgets import layer_counts
 from .typecheck import fmt_number
 
 
-def expr_text(e) -> str:
-    """An IR expression as source-like text (params already substituted)."""
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+NEGATE_PRECEDENCE = 3
+
+
+def expr_text(e, outer: int = 0) -> str:
+    """An IR expression as source-like text (params already substituted),
+    with parentheses only where precedence needs them: `outer` is the
+    precedence the surrounding operator requires of this expression."""
     if isinstance(e, ir.Const):
         return fmt_number(e.value)
     if isinstance(e, ir.Ref):
@@ -22,9 +28,13 @@ def expr_text(e) -> str:
         args += [f"{fmt_number(v) if isinstance(v, (int, float)) else v}" for v in e.options.values()]
         return f"{e.fn}({', '.join(args)})"
     if isinstance(e, ir.Arith):
-        return f"({expr_text(e.left)} {e.operator} {expr_text(e.right)})" if e.operator in "+-" else f"{expr_text(e.left)} {e.operator} {expr_text(e.right)}"
+        own = PRECEDENCE[e.operator]
+        # Left-associative: a right operand of equal precedence needs parentheses (a - (b + c)).
+        text = f"{expr_text(e.left, own)} {e.operator} {expr_text(e.right, own + 1)}"
+        return f"({text})" if own < outer else text
     if isinstance(e, ir.Negate):
-        return f"-{expr_text(e.operand)}"
+        text = f"-{expr_text(e.operand, NEGATE_PRECEDENCE)}"
+        return f"({text})" if NEGATE_PRECEDENCE < outer else text
     raise TypeError(type(e))
 
 

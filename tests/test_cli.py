@@ -93,3 +93,31 @@ def test_fmt_rewrites_in_place_and_is_idempotent(tmp_path):
     once = messy.read_text()
     assert once == 'policy m "x" {\n  param budget: tokens = 8\n  keep k = last budget  # recent\n  compress at prefill\n}\n'
     assert cli.main(["fmt", "--check", str(messy)]) == 0
+
+
+@pytest.mark.parametrize("expression", [
+    "normalize(0.07 * softmax(z) - 0.93 * key_norm())",
+    "(z - key_norm()) * 2",
+    "z - (key_norm() + z)",
+    "z / (2 * key_norm())",
+    "-(z + key_norm())",
+    "-z * 2 - -key_norm()",
+])
+def test_explain_prints_expressions_that_parse_back_to_the_same_ir(expression):
+    from kvpolicy import explain
+    from kvpolicy.policy import compile_text
+
+    def scores(text):
+        policy = compile_text(f"""policy e "e" {{
+          observe queries last 8
+          score z = attn_logits(group = max)
+          score s = {text}
+          keep chosen = top_k(s, 16)
+          compress at prefill
+        }}""")
+        return policy, policy.scores["s"]
+
+    policy, ir_of = scores(expression)
+    printed = explain.expr_text(ir_of)
+    assert "((" not in printed
+    assert scores(printed)[1] == ir_of, printed
