@@ -19,6 +19,7 @@ import sys
 import torch
 
 import kvpolicy
+from kvpolicy import ir
 from kvpolicy.backends.hf import generate
 from kvpolicy.plan import lower
 from kvpolicy.texts import english_text
@@ -56,14 +57,20 @@ def main() -> None:
         else:
             most = max(max(layer) for layer in s.kept)
         over = most - (budget + s.new_tokens - 1)
-        over_text = "-" if name in ("full", "topp", "hardkv") else f"{over:+d} {'ok' if over <= BLOCK else 'OVER'}"
+        over_text = "-" if name == "full" or _sized_by_top_p(base.ir) else f"{over:+d} {'ok' if over <= BLOCK else 'OVER'}"
         share = s.decode_compress_seconds / s.decode_seconds if s.decode_seconds else 0.0
         print(
             f"{name:<14} {s.kv_bytes / 2**20:>7.1f} {s.kv_fraction:>8.1%} {most:>9} {over_text:>12} "
             f"{s.decode_tokens_per_second:>13.1f} {s.decode_tokens_per_second / full.decode_tokens_per_second:>7.2f}x {share:>15.1%}",
             flush=True,
         )
-    print("\ntopp and hardkv size each head by its attention (top-p), not by the budget.")
+    print("\n'-': top-p policies (topp, hardkv, hardkv_rkv) size each head by its attention, not by the budget.")
+
+
+def _sized_by_top_p(policy) -> bool:
+    """Whether some keep or cascade tier selects by top-p (a head's count then follows its scores)."""
+    selections = [keep.select for keep in policy.keeps] + [tier.select for tier in policy.cascade]
+    return any(isinstance(sel, ir.TopP) for sel in selections)
 
 
 if __name__ == "__main__":
