@@ -96,11 +96,10 @@ def _attend_accumulating(query, groups, visible, group: int, scale: float, layer
             probs = torch.softmax(logits.masked_fill(~seen, float("-inf")).float(), dim=-1).nan_to_num(0.0)
             all_probs.append(probs)
             outputs.append(torch.matmul(probs.to(values.dtype), values))
-        width = max(probs.shape[-1] for probs in all_probs)  # the slots these rows see, from slot 0
-        if len(all_probs) > 1:
-            all_probs = [F.pad(probs, (0, width - probs.shape[-1])) for probs in all_probs]
-        layer.states = engine.accumulate(torch.cat(all_probs, dim=1)[0] if len(all_probs) > 1 else all_probs[0][0],
-                                         layer.states, layer.valid)
+        if len(all_probs) > 1:  # heads of different lengths: onto the slots any of them sees
+            width = max(probs.shape[-1] for probs in all_probs)
+            all_probs = [torch.cat([F.pad(probs, (0, width - probs.shape[-1])) for probs in all_probs], dim=1)]
+        layer.states = engine.accumulate(all_probs[0][0], layer.states, layer.valid)
         chunks.append(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 

@@ -173,9 +173,10 @@ class Calibrator:
         parts = {id(part): plain._eval(part) for part in independent_parts(self.cal.metric, self.policy, self.cal.name)}
         independent = [name for name in plain.memo if self.cal.name not in references_of(self.policy.scores[name], self.policy)]
         scores.update({name: plain.memo[name] for name in independent})
-        # -inf (masked) entries become a huge finite negative: x / T then has a
+        # Every T-free node the metric reaches lies inside one of these parts,
+        # so the solver's evaluator needs no memo of named scores. -inf
+        # (masked) entries become a huge finite negative: x / T then has a
         # finite gradient (0), where -inf / T would make it NaN.
-        shared = {name: _finite(plain.memo[name]) for name in independent}
         fixed = {key: _finite(value) for key, value in parts.items() if torch.is_tensor(value)}
         heads = inputs.num_kv if self.per_head else 1
 
@@ -183,7 +184,7 @@ class Calibrator:
 
         def mass_at(temperature: torch.Tensor) -> torch.Tensor:
             t = temperature if self.per_head else temperature.expand(inputs.num_kv)
-            evaluator = Evaluator(self.policy, inputs, calibration={self.cal.name: t}, memo=shared, fixed=fixed)
+            evaluator = Evaluator(self.policy, inputs, calibration={self.cal.name: t}, fixed=fixed)
             return row_mass(evaluator.tensor(self.cal.metric))
 
         lo, hi = self.cal.clamp

@@ -158,9 +158,7 @@ class TorchPolicy:
 
     def compress_layer(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> LayerDecision:
         run.compressions[layer] += 1
-        window = run.windows[layer]
-        if self.plan.observe_window:
-            inputs.queries, inputs.query_pos = window.queries, window.positions
+        self._observed(run, layer, inputs)
         scores: dict[str, torch.Tensor] = {}  # named scores a calibration fit evaluated, reused below
         calibration = self._temperatures(run, layer, inputs, scores)
         evaluator = Evaluator(self.ir, inputs, calibration, memo=scores)
@@ -202,15 +200,21 @@ class TorchPolicy:
         """Fit every calibration on one layer now, whatever its `fit` clause
         says, and record the values in `run` (what `kvpolicy calibrate` runs
         after a prefill; the online fit sees the same inputs)."""
+        self._observed(run, layer, inputs)
+        return {cal.name: self._fit(run, layer, cal, inputs, {}) for cal in self.ir.calibrations}
+
+    def _observed(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> None:
+        """Give `inputs` the layer's observed query window, if the policy reads one."""
         if self.plan.observe_window:
             window = run.windows[layer]
             inputs.queries, inputs.query_pos = window.queries, window.positions
-        results = {}
-        for cal in self.ir.calibrations:
-            results[cal.name] = result = self.calibrators[cal.name].fit(inputs)
-            run.temperatures[(cal.name, layer)] = result.temperature
-            run.fit_errors[(cal.name, layer)] = result.error
-        return results
+
+    def _fit(self, run: SequenceRun, layer: int, cal: ir.Calibration, inputs: LayerInputs, scores: dict) -> FitResult:
+        """Fit `cal` on this layer and record the result in `run`."""
+        result = self.calibrators[cal.name].fit(inputs, scores)
+        run.temperatures[(cal.name, layer)] = result.temperature
+        run.fit_errors[(cal.name, layer)] = result.error
+        return result
 
     def _temperatures(self, run: SequenceRun, layer: int, inputs: LayerInputs, scores: dict) -> dict[str, torch.Tensor]:
         out = {}
@@ -224,9 +228,7 @@ class TorchPolicy:
                 count = run.compressions[layer]
                 refit = cal.fit.kind == "every" and (count - 1) % cal.fit.every == 0
                 if key not in run.temperatures or refit:
-                    result = self.calibrators[cal.name].fit(inputs, scores)
-                    run.temperatures[key] = result.temperature
-                    run.fit_errors[key] = result.error
+                    self._fit(run, layer, cal, inputs, scores)
             t = run.temperatures[key]
             out[cal.name] = t if t.numel() == inputs.num_kv else t.expand(inputs.num_kv)
         return out
