@@ -26,6 +26,12 @@ def ensure() -> None:
     if cuda_present():
         return
     if not interpreting():
+        if "triton" in sys.modules:
+            # triton.language's own @jit helpers (tl.sum, ...) were decorated
+            # for a GPU when triton was imported: too late to interpret.
+            from kvpolicy.errors import KvpolicyError
+
+            raise KvpolicyError("no CUDA device, and triton was imported before the interpreter could be chosen: set TRITON_INTERPRET=1")
         os.environ["TRITON_INTERPRET"] = "1"
     if not _warned and not os.environ.get("KVPOLICY_QUIET_INTERPRETER"):
         print("kvpolicy: warning: no CUDA device; the triton backend runs in Triton's interpreter (slow, for checking only)", file=sys.stderr)
