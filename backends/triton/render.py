@@ -27,7 +27,7 @@ from kvpolicy.errors import KvpolicyError
 
 from . import templates
 from .library import LIBRARY
-from .lowering import Buffer, Inline, Lowering, Step
+from .lowering import Buffer, Inline, Lowering, Step, Unsupported
 
 TEMPLATE_VERSION = 1
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -95,10 +95,11 @@ def lower_policy(policy: ir.Policy) -> Lowering:
     low = Lowering(policy)
     for kind, name, expr in policy_expressions(policy):
         safe_identifier(name)
-        if kind == "calibrate":
-            low.tensor(expr)
-        else:
-            low.token_scores(expr)
+        try:
+            low.tensor(expr) if kind == "calibrate" else low.token_scores(expr)
+        except Unsupported as err:
+            err.kind, err.name = ("keep", name) if kind == "merge" else (kind, name)
+            raise
     return low
 
 
