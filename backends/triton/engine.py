@@ -32,7 +32,19 @@ def build(policy) -> render.Rendered:
         source = policy if hasattr(policy, "source") else None
         if source is None:
             raise
-        raise PolicyError([Diagnostic(source.locate(err.kind, err.name), str(err))], source.source) from None
+        raise PolicyError([Diagnostic(_locate(source, err), str(err))], source.source) from None
+
+
+def _locate(policy, err: Unsupported):
+    """The `score` statement holding the construct, else the statement using it."""
+    if err.score is not None:
+        from kvpolicy import ast, syntax
+
+        tree = syntax.parse(policy.source.text, policy.source.filename)
+        for st in tree.statements:
+            if isinstance(st, ast.Score) and st.name.name == err.score:
+                return st.span
+    return policy.locate(err.kind, err.name)
 
 
 class _Scores:

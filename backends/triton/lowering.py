@@ -28,6 +28,7 @@ class Unsupported(KvpolicyError):
     def __init__(self, what: str, kind: str = "score", name: str | None = None):
         super().__init__(f"the triton backend cannot lower {what} yet")
         self.what, self.kind, self.name = what, kind, name
+        self.score: str | None = None  # the named score it sits in, if any
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,11 @@ class Lowering:
 
 
 def _emit_score_ref(low: Lowering, e: ir.Ref) -> Buffer:
-    return low.tensor(low.policy.scores[e.name])
+    try:
+        return low.tensor(low.policy.scores[e.name])
+    except Unsupported as err:
+        err.score = err.score or e.name  # the innermost named score holding the construct
+        raise
 
 
 def _emit_window(low: Lowering, e: ir.Signal) -> Buffer:
