@@ -157,12 +157,16 @@ def cmd_fmt(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    policy, filename = _compile(args.file, _overrides(args.set))
+    text, filename = read_source(args.file)
+    policy = compile_text(text, filename, _overrides(args.set))
     out_dir = Path(args.output or os.path.join("build", policy.name))
+    module = None
     if args.backend == "triton":
-        raise UsageError("the triton backend is not built yet; use --backend torch")
-    path = write_manifest(out_dir, policy, args.backend, filename)
-    print(f"{filename}: {policy.name} {policy.content_hash[:19]} -> {path}")
+        from kvpolicy.backends.triton.output import write_module
+
+        module = write_module(out_dir, policy, text, filename)
+    path = write_manifest(out_dir, policy, args.backend, filename, module)
+    print(f"{filename}: {policy.name} {policy.content_hash[:19]} -> {path}" + (f" + {module['file']}" if module else ""))
     return EXIT_OK
 
 

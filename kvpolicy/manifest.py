@@ -16,8 +16,8 @@ from .errors import KvpolicyError
 BACKENDS = ("torch", "triton")
 
 
-def manifest(policy: ir.Policy, backend: str, source: str) -> dict:
-    return {
+def manifest(policy: ir.Policy, backend: str, source: str, module: dict | None = None) -> dict:
+    out = {
         "kvpolicy_version": __version__,
         "ir_version": policy.ir_version,
         "backend": backend,
@@ -27,6 +27,9 @@ def manifest(policy: ir.Policy, backend: str, source: str) -> dict:
         "params": {name: p.value for name, p in policy.params.items()},
         "ir": policy.model_dump(mode="json"),
     }
+    if module is not None:  # triton: the generated kernels module beside the manifest
+        out["module"] = module
+    return out
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -41,9 +44,9 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_manifest(out_dir: Path, policy: ir.Policy, backend: str, source: str) -> Path:
+def write_manifest(out_dir: Path, policy: ir.Policy, backend: str, source: str, module: dict | None = None) -> Path:
     path = out_dir / "manifest.json"
-    write_atomic(path, json.dumps(manifest(policy, backend, source), indent=2) + "\n")
+    write_atomic(path, json.dumps(manifest(policy, backend, source, module), indent=2) + "\n")
     return path
 
 

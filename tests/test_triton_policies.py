@@ -184,3 +184,23 @@ def test_an_operation_without_emitter_is_a_positioned_error(monkeypatch):
         build(kvpolicy.load("rkv"))
     text = err.value.render()
     assert "cannot lower redundancy()" in text and "rkv.kvp:12:3: error" in text
+
+
+def test_compile_cli_writes_the_module_beside_the_manifest(tmp_path, capsys):
+    import hashlib
+    import json
+
+    from kvpolicy import cli
+
+    for name in library.shipped_names():
+        out = tmp_path / name
+        assert cli.main(["compile", name, "--backend", "triton", "-o", str(out)]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        module = out / manifest["module"]["file"]
+        assert manifest["backend"] == "triton" and module.exists()
+        assert manifest["module"]["sha256"] == hashlib.sha256(module.read_bytes()).hexdigest()
+        compile(module.read_text(), str(module), "exec")
+    assert cli.main(["compile", "snapkv", "--backend", "triton", "--set", "budget=128", "-o", str(tmp_path / "b")]) == 0
+    one = json.loads((tmp_path / "snapkv" / "manifest.json").read_text())["module"]["code_hash"]
+    two = json.loads((tmp_path / "b" / "manifest.json").read_text())["module"]["code_hash"]
+    assert one == two  # another budget: the same kernels
