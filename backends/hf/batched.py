@@ -76,7 +76,7 @@ class LayerBatch:
         layers = shape.num_layers
         stacked = ModelShape(1, layers * shape.num_q_heads, layers * shape.num_kv_heads, shape.head_dim, shape.name)
         self.engine = engine
-        self.stacked = TorchPolicy(engine.ir, stacked)
+        self.stacked = type(engine)(engine.ir, stacked)  # the same backend, all layers as one
         self.stacked_run = self.stacked.new_sequence()
 
     @staticmethod

@@ -60,10 +60,18 @@ def resolve_policy(policy):
     return policy
 
 
-def prepare(model, policy) -> TorchPolicy:
-    """The torch engine for this model; installs the attention function."""
+def prepare(model, policy, backend: str = "torch") -> TorchPolicy:
+    """The policy's engine for this model (torch, or triton: generated
+    kernels, the interpreter without CUDA); installs the attention function."""
     attention.install(model)
-    return TorchPolicy(resolve_policy(policy), ModelShape.from_config(model.config))
+    shape = ModelShape.from_config(model.config)
+    if backend == "torch":
+        return TorchPolicy(resolve_policy(policy), shape)
+    if backend == "triton":
+        from kvpolicy.backends.triton.engine import TritonPolicy
+
+        return TritonPolicy(resolve_policy(policy), shape)
+    raise kvpolicy.KvpolicyError(f"unknown backend {backend!r} (torch or triton)")
 
 
 def encode(tok, prompt, chat: bool) -> torch.Tensor:
@@ -87,7 +95,7 @@ class Scored:
 
 @torch.inference_mode()
 def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bool = False, stop_at_eos: bool = True,
-             prefilled=None) -> Result:
+             prefilled=None, backend: str = "torch") -> Result:
     """Greedy decoding of one prompt under a policy (from a shared full-cache
     prefill of the same prompt when `prefilled`, one or a list, has one the
     policy can fork: see prefill.py)."""
@@ -97,12 +105,12 @@ def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bo
         token = int(logits.argmax())
         return token, step == max_new_tokens or (stop_at_eos and token == eos)
 
-    generated, _, stats = _decode(model, prepare(model, policy), encode(tok, prompt, chat), choose, False, prefilled)
+    generated, _, stats = _decode(model, prepare(model, policy, backend), encode(tok, prompt, chat), choose, False, prefilled)
     return Result(text=tok.decode(generated, skip_special_tokens=True), tokens=generated, stats=stats)
 
 
 @torch.inference_mode()
-def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None, prefilled=None) -> Scored:
+def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None, prefilled=None, backend: str = "torch") -> Scored:
     """Feed `continuation` after the prompt (teacher forcing) under a policy,
     compressing on its schedule, and return the model's log-probabilities."""
     if not continuation:
@@ -111,7 +119,7 @@ def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None,
     def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
         return continuation[step - 1], step == len(continuation)
 
-    _, logits, stats = _decode(model, prepare(model, policy), encode(None, prompt_ids, False), choose, True, prefilled)
+    _, logits, stats = _decode(model, prepare(model, policy, backend), encode(None, prompt_ids, False), choose, True, prefilled)
     return Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
 
 

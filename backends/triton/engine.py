@@ -64,6 +64,11 @@ class TritonPolicy(TorchPolicy):
         super().__init__(policy, shape)
         self.rendered = build(policy)
         self.kernels = render.load(self.rendered)
+        # What a compression reads: selection and merge scores (the fit, on the
+        # torch side for now, evaluates its own target).
+        low = self.rendered.lowering
+        roots = [low.token_scores(expr) for kind, _, expr in render.policy_expressions(self.ir) if kind != "calibrate"]
+        self.event_steps = launch.needed(self.rendered.steps, roots)
 
     # ------------------------------------------------------------- one event
 
@@ -71,7 +76,7 @@ class TritonPolicy(TorchPolicy):
         run.compressions[layer] += 1
         self._observed(run, layer, inputs)
         calibration = self._temperatures(run, layer, inputs, {})
-        buffers = launch.run_steps(self.kernels, self.rendered.steps, inputs, calibration)
+        buffers = launch.run_steps(self.kernels, self.rendered.steps, inputs, calibration, self.event_steps)
         scores = _Scores(self.rendered, buffers, inputs.valid)
         protected, applies = self._protected_kernels(layer, inputs)
         if self.ir.cascade:

@@ -53,6 +53,8 @@ def run_steps(mod, steps: tuple[Step, ...], inputs, calibration: dict[str, torch
     q = 0 if inputs.queries is None else inputs.queries.shape[1]
     valid = _i8(inputs.valid)
     for step in steps:
+        if wanted is not None and step.out.id not in wanted:
+            continue
         rows = q if step.out.rows == "Q" else 1
         launch = _FIXED_STEPS.get(step.template)
         if launch is not None:
@@ -60,6 +62,22 @@ def run_steps(mod, steps: tuple[Step, ...], inputs, calibration: dict[str, torch
         else:
             out[step.out.id] = _fused(mod, step, inputs, valid, out, calibration, rows)
     return out
+
+
+def needed(steps: tuple[Step, ...], roots) -> set[int]:
+    """Ids of the steps the buffers `roots` depend on (themselves included)."""
+    by_id = {s.out.id: s for s in steps}
+    todo, seen = [r.id for r in roots], set()
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        step = by_id[i]
+        todo += [b.id for b in step.inputs]
+        if step.inline is not None:
+            todo += [b.id for b in step.inline.tensors if isinstance(b, Buffer)]
+    return seen
 
 
 def _leaf_args(step: Step, inputs, out, calibration) -> list:

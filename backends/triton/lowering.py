@@ -81,6 +81,7 @@ class Lowering:
         self.policy = policy
         self.steps: list[Step] = []
         self._memo: dict[str, Buffer] = {}  # canonical JSON of a subexpression -> its buffer
+        self.computes: dict[int, tuple[str, object]] = {}  # buffer id -> ("tensor" | "token_scores", expression)
         self._next = 0
 
     # ------------------------------------------------------------- entry points
@@ -99,6 +100,7 @@ class Lowering:
         else:
             buf = emitter(self, expr)
         self._memo[key] = buf
+        self.computes.setdefault(buf.id, ("tensor", expr))
         return buf
 
     def token_scores(self, expr) -> Buffer:
@@ -107,6 +109,7 @@ class Lowering:
         if key not in self._memo:
             inline = self.inline(expr)
             self._memo[key] = self._step("token_scores", "T", inline=inline, note=f"token scores of {_describe(expr)}")
+            self.computes[self._memo[key].id] = ("token_scores", expr)
         return self._memo[key]
 
     def inline(self, expr) -> Inline:
