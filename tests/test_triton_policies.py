@@ -204,3 +204,15 @@ def test_compile_cli_writes_the_module_beside_the_manifest(tmp_path, capsys):
     one = json.loads((tmp_path / "snapkv" / "manifest.json").read_text())["module"]["code_hash"]
     two = json.loads((tmp_path / "b" / "manifest.json").read_text())["module"]["code_hash"]
     assert one == two  # another budget: the same kernels
+
+
+def test_the_kernel_shown_in_readme_and_docs_is_generated():
+    import re
+    from pathlib import Path
+
+    text = render.render(kvpolicy.load("hardkv")).text
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "docs/triton.md"):
+        shown = re.search(r"```python\n(# step 4:.*?)```", (root / doc).read_text(), re.S).group(1)
+        shown = shown.split("\n\n\n")[0].strip()
+        assert shown in text, doc
