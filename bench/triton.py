@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     interpret.ensure()
     print(f"device: {'CUDA ' + torch.cuda.get_device_name() if interpret.cuda_present() else 'none: Triton interpreter (TRITON_INTERPRET=1)'}")
-    print(f"{'policy':<16} {'codegen ms':>10} {'lines':>6} {'kernels':>8} {'verified':>9}  disagreed")
+    print(f"{'policy':<16} {'codegen ms':>10} {'lines':>6} {'jit fns':>8} {'verified':>9}  disagreed")
     total_ok = total = 0
     worst = 0.0
     layer = _layer(args.seed)
