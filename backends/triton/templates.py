@@ -213,31 +213,27 @@ def _mass_count(KEY, MASS, n, kept, P1, BLOCK: tl.constexpr):
         key = tl.load(KEY + offs, mask=offs < n, other=-1)
         m = tl.load(MASS + offs, mask=offs < n, other=0.0)
         reach += tl.sum(tl.where(key >= 0, m, 0.0), axis=0)
-    count = tl.full([], 0, tl.int32)
-    if kept >= P1:
-        count = 0
-    elif kept + reach < P1:
-        count = -1
-    else:
-        theta = _mass_threshold(KEY, MASS, n, kept, P1, BLOCK)
-        above = tl.full([], 0, tl.int32)
-        above_mass = tl.full([], 0.0, tl.float32)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            key = tl.load(KEY + offs, mask=offs < n, other=-1)
-            m = tl.load(MASS + offs, mask=offs < n, other=0.0)
-            above += tl.sum((key > theta).to(tl.int32), axis=0)
-            above_mass += tl.sum(tl.where(key > theta, m, 0.0), axis=0)
-        ties = tl.full([], 0, tl.int32)
-        carry = tl.full([], 0.0, tl.float32)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            key = tl.load(KEY + offs, mask=offs < n, other=-1)
-            m = tl.where(key == theta, tl.load(MASS + offs, mask=offs < n, other=0.0), 0.0)
-            before = carry + tl.cumsum(m, axis=0) - m
-            ties += tl.sum(((key == theta) & (kept + (above_mass + before) < P1)).to(tl.int32), axis=0)
-            carry += tl.sum(m, axis=0)
-        count = above + ties
+    # one path for every row (compiled Triton wants one type per variable
+    # across branches); the search result is unused when the answer is 0 or -1
+    theta = _mass_threshold(KEY, MASS, n, kept, P1, BLOCK)
+    above = tl.full([], 0, tl.int32)
+    above_mass = tl.full([], 0.0, tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        key = tl.load(KEY + offs, mask=offs < n, other=-1)
+        m = tl.load(MASS + offs, mask=offs < n, other=0.0)
+        above += tl.sum((key > theta).to(tl.int32), axis=0)
+        above_mass += tl.sum(tl.where(key > theta, m, 0.0), axis=0)
+    ties = tl.full([], 0, tl.int32)
+    carry = tl.full([], 0.0, tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        key = tl.load(KEY + offs, mask=offs < n, other=-1)
+        m = tl.where(key == theta, tl.load(MASS + offs, mask=offs < n, other=0.0), 0.0)
+        before = carry + tl.cumsum(m, axis=0) - m
+        ties += tl.sum(((key == theta) & (kept + (above_mass + before) < P1)).to(tl.int32), axis=0)
+        carry += tl.sum(m, axis=0)
+    count = tl.where(kept >= P1, 0, tl.where(kept + reach < P1, -1, above + ties))
     return count
 '''
 
