@@ -216,3 +216,25 @@ def test_the_kernel_shown_in_readme_and_docs_is_generated():
         shown = re.search(r"```python\n(# step 4:.*?)```", (root / doc).read_text(), re.S).group(1)
         shown = shown.split("\n\n\n")[0].strip()
         assert shown in text, doc
+
+
+@DRAWS
+@given(layer=layers())
+def test_bisection_fit_by_kernels_equals_torch(layer):
+    """HARD-KV with a bisection solver: the temperatures fitted from kernel
+    masses equal the torch fit's (same solver control, masses within fp32
+    rounding), and so do the kept sets."""
+    text = library.shipped_text("hardkv").replace("adam(lr = 0.01, steps = 50, tol = 0.01)", "bisect(steps = 30, tol = 0.01)")
+    policy = kvpolicy.compile_text(text, "hardkv_bisect.kvp", {"budget": 24, "window": 6})
+    a, b = TorchPolicy(policy, layer["shape"]), TritonPolicy(policy, layer["shape"])
+    runs, decisions = [], []
+    for engine in (a, b):
+        run = engine.new_sequence()
+        engine.observe(run, 0, layer["queries"], layer["query_pos"])
+        decisions.append(engine.compress_layer(run, 0, _inputs(layer)))
+        runs.append(run)
+    fitted = runs[1].temperatures[("T", 0)]
+    torch.testing.assert_close(fitted, runs[0].temperatures[("T", 0)], rtol=1e-5, atol=0)
+    assert torch.equal(decisions[0].kept, decisions[1].kept)
+    if layer["valid"].shape[1] > 1:  # a real fit, not a clamp bound
+        assert bool(((fitted > 0.001) & (fitted < 10)).all()), fitted

@@ -96,6 +96,39 @@ class TritonPolicy(TorchPolicy):
         kept = torch.where(applies[:, None], (protected | scored) & inputs.valid, inputs.valid)
         return LayerDecision(kept=kept, physical=True, values=self._merge_kernels(self.ir.merge, scores, inputs, kept))
 
+    # ------------------------------------------------------------- calibration
+
+    def _fit(self, run: SequenceRun, layer: int, cal: ir.Calibration, inputs: LayerInputs, scores: dict):
+        """Bisection fits by kernel: the target counts and the metric at each
+        trial temperature come from the generated steps, the row masses from
+        row_mass; the solver's control (bounds, stop rule, best T) is the
+        torch backend's own. Adam (which needs the metric's gradient) still
+        fits on the torch side."""
+        if cal.solver.kind != "bisect":
+            return super()._fit(run, layer, cal, inputs, scores)
+        from kvpolicy.backends.torch.calibrate import FitResult
+
+        calibrator = self.calibrators[cal.name]
+        low = self.rendered.lowering
+        target, metric = low.tensor(cal.target), low.tensor(cal.metric)
+        counts = launch.run_steps(self.kernels, self.rendered.steps, inputs, {}, launch.needed(self.rendered.steps, [target]))[target.id]
+        metric_steps = launch.needed(self.rendered.steps, [metric])
+        heads = inputs.num_kv if calibrator.per_head else 1
+
+        def mass_at(temperature: torch.Tensor) -> torch.Tensor:
+            t = temperature if calibrator.per_head else temperature.expand(inputs.num_kv)
+            values = launch.run_steps(self.kernels, self.rendered.steps, inputs, {cal.name: t}, metric_steps)[metric.id]
+            return launch.row_mass(self.kernels, values.expand(inputs.num_kv, counts.shape[1], -1), inputs.valid, counts)
+
+        lo, hi = cal.clamp
+        temperature, steps = calibrator._bisect(mass_at, heads, lo, hi)
+        mass = mass_at(temperature)
+        error = calibrator._mean_error(mass)
+        result = FitResult(temperature, error, calibrator._row_error(mass), steps, error < cal.solver.tol)
+        run.temperatures[(cal.name, layer)] = result.temperature
+        run.fit_errors[(cal.name, layer)] = result.error
+        return result
+
     # ------------------------------------------------------------- pieces
 
     def _select(self, sel, scores, candidates, protected, valid, count_for) -> torch.Tensor:

@@ -210,6 +210,15 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def row_mass(mod, metric: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[Hkv, R]: mass of the counts largest entries of each normalised metric row."""
+    h, r, t = metric.shape
+    out = torch.empty(h, r)
+    key = torch.empty(h * r * t, dtype=torch.int64)
+    mod.row_mass[(h * r,)](_f32(metric), _i8(valid), counts.long().contiguous(), key, out, t, r, BLOCK_T=block_t(t))
+    return out
+
+
 # ----------------------------------------------------------------- selection
 
 TOP_K, TOP_P, THRESHOLD, FIRST, LAST = 0, 1, 2, 3, 4

@@ -97,6 +97,8 @@ def lower_policy(policy: ir.Policy) -> Lowering:
         safe_identifier(name)
         try:
             low.tensor(expr) if kind == "calibrate" else low.token_scores(expr)
+            if kind == "calibrate":  # the fit evaluates the metric at trial temperatures
+                low.tensor(next(c.metric for c in policy.calibrations if c.name == name))
         except Unsupported as err:
             err.kind, err.name = ("keep", name) if kind == "merge" else (kind, name)
             raise
@@ -112,6 +114,8 @@ def fixed_kernels(policy: ir.Policy, low: Lowering) -> list[str]:
         used.add("mass_count")
     if policy.compresses:
         used |= {"select_rows", "mass_count", "compact", "gather_kept", "decode_tier", "lse_merge"}
+    if policy.calibrations:
+        used.add("row_mass")
     if policy.merge or any(t.merge for t in policy.cascade):
         used |= {"merge_assign", "merge_apply"}
     stores = {t.store for t in policy.cascade}

@@ -740,6 +740,45 @@ def lse_merge(O, LSE, OUT, OUT_LSE, TIERS, ROWS, D: tl.constexpr, BLOCK_D: tl.co
     tl.store(OUT_LSE + row, tl.where(empty, float("-inf"), shift + tl.log(tl.where(empty, 1.0, total))))
 '''
 
+ROW_MASS = '''
+@triton.jit
+def row_mass(METRIC, VALID, COUNTS, KEY, MASS, T, R, BLOCK_T: tl.constexpr):
+    # calibration: per observed row, the mass of the COUNTS[row] largest
+    # entries of the metric normalised over the row (non-negative, held,
+    # finite entries); grid (kv heads * rows,)
+    row = tl.program_id(0)
+    h = row // R
+    total = tl.full([], 0.0, tl.float32)
+    for start in range(0, T, BLOCK_T):
+        offs = start + tl.arange(0, BLOCK_T)
+        tmask = offs < T
+        x = tl.load(METRIC + row * T + offs, mask=tmask, other=0.0)
+        ok = (tl.load(VALID + h * T + offs, mask=tmask, other=0) != 0) & _finite(x)
+        total += tl.sum(tl.where(tmask, tl.maximum(tl.where(ok, x, 0.0), 0.0), 0.0), axis=0)
+    for start in range(0, T, BLOCK_T):
+        offs = start + tl.arange(0, BLOCK_T)
+        tmask = offs < T
+        x = tl.load(METRIC + row * T + offs, mask=tmask, other=0.0)
+        ok = (tl.load(VALID + h * T + offs, mask=tmask, other=0) != 0) & _finite(x)
+        tl.store(KEY + row * T + offs, _order_key(tl.maximum(tl.where(ok, x, 0.0), 0.0) / tl.maximum(total, 1e-30)), mask=tmask)
+    k = tl.minimum(tl.maximum(tl.load(COUNTS + row), 1), T)
+    theta = _kth_largest(KEY + row * T, T, k, BLOCK_T)
+    above = tl.full([], 0.0, tl.float32)
+    n_above = tl.full([], 0, tl.int32)
+    at_theta = tl.full([], 0.0, tl.float32)
+    for start in range(0, T, BLOCK_T):
+        offs = start + tl.arange(0, BLOCK_T)
+        tmask = offs < T
+        x = tl.load(METRIC + row * T + offs, mask=tmask, other=0.0)
+        ok = (tl.load(VALID + h * T + offs, mask=tmask, other=0) != 0) & _finite(x)
+        v = tl.maximum(tl.where(ok, x, 0.0), 0.0) / tl.maximum(total, 1e-30)
+        key = tl.load(KEY + row * T + offs, mask=tmask, other=-1)
+        above += tl.sum(tl.where(key > theta, v, 0.0), axis=0)
+        n_above += tl.sum((key > theta).to(tl.int32), axis=0)
+        at_theta = tl.maximum(at_theta, tl.max(tl.where(key == theta, v, 0.0), axis=0))
+    tl.store(MASS + row, above + (k - n_above).to(tl.float32) * at_theta)
+'''
+
 FIXED = {
     "mass_count": MASS_COUNT,
     "window_stats": WINDOW_STATS,
@@ -749,6 +788,7 @@ FIXED = {
     "key_sim": KEY_SIM,
     "redundancy_rows": REDUNDANCY,
     "select_rows": SELECT_ROWS,
+    "row_mass": ROW_MASS,
     "compact": COMPACT,
     "gather_kept": GATHER,
     "merge_assign": MERGE_ASSIGN,
