@@ -5,9 +5,9 @@ Engines use it exactly as they use TorchPolicy (observe, accumulate, due,
 compress_layer -> LayerDecision). A compression event runs the fused
 scoring steps (lowering.py), then selection, unions with protected tokens,
 cascade transitions and merge-on-evict through the select_rows / merge
-kernels. Still on the torch side: the calibration fit (the temperatures are
-fitted by backends/torch/calibrate.py, then read by the generated kernels)
-and per-token state accumulation.
+kernels; a bisection calibration fit runs by kernel too. Still on the torch
+side: the Adam fit (it needs the metric's gradient; the kernels read the
+temperatures it fits) and per-token state accumulation.
 """
 from __future__ import annotations
 
