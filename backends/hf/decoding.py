@@ -65,13 +65,16 @@ def prepare(model, policy, backend: str = "torch") -> TorchPolicy:
     kernels, the interpreter without CUDA); installs the attention function."""
     attention.install(model)
     shape = ModelShape.from_config(model.config)
+    from kvpolicy.backends.triton.interpret import resolve_backend
+
+    backend = resolve_backend(backend)
     if backend == "torch":
         return TorchPolicy(resolve_policy(policy), shape)
     if backend == "triton":
         from kvpolicy.backends.triton.engine import TritonPolicy
 
         return TritonPolicy(resolve_policy(policy), shape)
-    raise kvpolicy.KvpolicyError(f"unknown backend {backend!r} (torch or triton)")
+    raise kvpolicy.KvpolicyError(f"unknown backend {backend!r} (torch, triton or auto)")
 
 
 def encode(tok, prompt, chat: bool) -> torch.Tensor:
