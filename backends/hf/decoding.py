@@ -61,20 +61,13 @@ def resolve_policy(policy):
 
 
 def prepare(model, policy, backend: str = "torch") -> TorchPolicy:
-    """The policy's engine for this model (torch, or triton: generated
-    kernels, the interpreter without CUDA); installs the attention function."""
+    """The policy's engine for this model on `backend` (torch; triton:
+    generated kernels, the interpreter without CUDA; auto: triton where CUDA
+    is present); installs the attention function."""
     attention.install(model)
-    shape = ModelShape.from_config(model.config)
-    from kvpolicy.backends.triton.interpret import resolve_backend
+    from kvpolicy import backends
 
-    backend = resolve_backend(backend)
-    if backend == "torch":
-        return TorchPolicy(resolve_policy(policy), shape)
-    if backend == "triton":
-        from kvpolicy.backends.triton.engine import TritonPolicy
-
-        return TritonPolicy(resolve_policy(policy), shape)
-    raise kvpolicy.KvpolicyError(f"unknown backend {backend!r} (torch, triton or auto)")
+    return backends.compile(resolve_policy(policy), ModelShape.from_config(model.config), backend)
 
 
 def encode(tok, prompt, chat: bool) -> torch.Tensor:

@@ -60,8 +60,8 @@ class _Scores:
 class TritonPolicy(TorchPolicy):
     backend = "triton"
 
-    def __init__(self, policy, shape: ModelShape):
-        super().__init__(policy, shape)
+    def __init__(self, policy, shape: ModelShape, program=None):
+        super().__init__(policy, shape, program=program)
         self.rendered = build(policy)
         self.kernels = render.load(self.rendered)
         # What a compression reads: selection and merge scores (the fit, on the

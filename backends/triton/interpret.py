@@ -43,9 +43,3 @@ def device():
 
     return torch.device("cuda") if cuda_present() else torch.device("cpu")
 
-
-def resolve_backend(name: str) -> str:
-    """"auto" is triton where CUDA is present and torch otherwise."""
-    if name == "auto":
-        return "triton" if cuda_present() else "torch"
-    return name
