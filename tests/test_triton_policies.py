@@ -238,3 +238,16 @@ def test_bisection_fit_by_kernels_equals_torch(layer):
     assert torch.equal(decisions[0].kept, decisions[1].kept)
     if layer["valid"].shape[1] > 1:  # a real fit, not a clamp bound
         assert bool(((fitted > 0.001) & (fitted < 10)).all()), fitted
+
+
+def test_registered_in_backends_compile():
+    from kvpolicy import backends
+
+    shape = ModelShape(2, 6, 2, 16)
+    engine = backends.compile(kvpolicy.load("snapkv"), shape, backend="triton")
+    assert isinstance(engine, TritonPolicy) and engine.program.shape == shape
+    if not torch.cuda.is_available():  # auto: triton only where CUDA is present
+        assert type(backends.compile(kvpolicy.load("snapkv"), shape, backend="auto")) is TorchPolicy
+    # every operation of every shipped policy is one the triton backend lowers
+    for name in library.shipped_names():
+        assert not backends.BACKENDS["triton"].missing(backends.registry.lower(kvpolicy.load(name), shape)), name
