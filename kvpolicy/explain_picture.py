@@ -212,4 +212,13 @@ def _mb(n: int) -> str:
 
 
 def _save_atomically(fig, out: Path) -> None:
-    write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    """PNG with a 256-colour palette: the picture has few colours, and it is a third of the RGBA size."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    buffer.seek(0)
+    picture = Image.open(buffer).convert("RGB").quantize(256)
+    write_atomically(out, lambda tmp: picture.save(tmp, format="PNG", optimize=True))

@@ -226,3 +226,15 @@ def test_without_prompt_explain_stays_words(tmp_path):
     assert result.returncode == 0
     assert result.stdout.startswith("snapkv:") and "\nadakv:" in result.stdout
     assert "transformers" not in result.stderr
+
+
+def test_readme_picture_comes_from_the_shown_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert "--prompt docs/explain_needle.txt --mark \"The secret pass key is 58213\" --png docs/explain.png" in readme
+    assert "](docs/explain.png)" in readme
+    assert "The secret pass key is 58213" in (root / "docs/explain_needle.txt").read_text()
+    png = (root / "docs/explain.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
