@@ -162,10 +162,13 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
     bars.set_ylim(rows, 0)
 
     fraction = entry["kv_bytes"] / entry["kv_bytes_full"] if entry["kv_bytes_full"] else 1.0
-    kvbytes.bar([0], [1.0], color="white", edgecolor="#888888", width=0.7)
-    kvbytes.bar([0], [fraction], color="#555555", width=0.7)
-    kvbytes.text(0, min(fraction, 0.86) + 0.03, f"{fraction:.0%}", ha="center", va="bottom")
-    kvbytes.set_xlim(-0.6, 0.6)
+    kvbytes.bar([0], [1.0], color="white", edgecolor="#888888", width=0.9)
+    kvbytes.bar([0], [fraction], color="#555555", width=0.9)
+    if fraction > 0.8:  # no room above the bar: write inside it
+        kvbytes.text(0, fraction - 0.03, f"{fraction:.0%}", ha="center", va="top", color="white", fontsize=FONT - 1)
+    else:
+        kvbytes.text(0, fraction + 0.03, f"{fraction:.0%}", ha="center", va="bottom", fontsize=FONT - 1)
+    kvbytes.set_xlim(-0.5, 0.5)
     kvbytes.set_ylim(0, 1.0)
     kvbytes.set_xticks([])
     kvbytes.set_yticks([])
@@ -174,7 +177,7 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
 
     low, high = int(totals.min()), int(totals.max())
     held = f"{low} tokens per head" if low == high else f"{low}–{high} tokens per head (mean {totals.mean():.0f})"
-    note = "" if entry["compressed"] else " — not compressed: the prompt is below its trigger"
+    note = "" if entry["compressed"] else " — " + not_compressed(entry)
     fig.text(0.1 / fw, 1 - (top + 0.1) / fh, f"{entry['policy']}: {held}, {fraction:.0%} of the full cache's bytes{note}", ha="left", va="top", fontsize=FONT + 1)
 
     legend_ax.axis("off")
@@ -186,6 +189,11 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
     if report["marks"]:
         handles.append(Patch(color=MARK, label="needle"))
     legend_ax.legend(handles=handles, loc="center left", ncol=2, frameon=False, fontsize=FONT - 2, handlelength=1.0, columnspacing=0.8)
+
+
+def not_compressed(entry: dict) -> str:
+    """Why a policy held every token after the prefill."""
+    return "never compresses" if not entry["compresses"] else "not compressed after the prefill (no trigger fired)"
 
 
 def shares_to_counts(entry: dict) -> np.ndarray:

@@ -90,6 +90,7 @@ def run(policies: list, args) -> None:
 
     from . import models
     from .backends.hf.explain_prompt import encode_prompt, held_after_prefill
+    from .explain_picture import not_compressed
 
     directory = models.path(args.model)
     model, tok = models.load(directory)
@@ -106,7 +107,7 @@ def run(policies: list, args) -> None:
     for entry in data["policies"]:
         counts = [c for layer in entry["kept"] for c in layer]
         share = entry["kv_bytes"] / entry["kv_bytes_full"] if entry["kv_bytes_full"] else 1.0
-        state = "" if entry["compressed"] else " (not compressed: the prompt is below its trigger)"
+        state = "" if entry["compressed"] else f" ({not_compressed(entry)})"
         print(f"{entry['policy']}: {n} prompt tokens; holds {min(counts)}..{max(counts)} per (layer, kv_head), "
               f"mean {sum(counts) / len(counts):.1f}; {entry['kv_bytes']} of {entry['kv_bytes_full']} KV bytes ({share:.1%}){state}")
     if args.json:

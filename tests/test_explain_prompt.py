@@ -152,7 +152,7 @@ def test_binned_cells_are_the_share_held(n, heads, tiers, data):
 def synthetic_report(layers: int, heads: int, n: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     positions = [[sorted(rng.choice(n, size=int(rng.integers(16, n // 4)), replace=False).tolist()) for _ in range(heads)] for _ in range(layers)]
-    entry = {"policy": f"synthetic {layers}x{heads}", "hash": "", "compressed": True, "layers": layers, "kv_heads": heads,
+    entry = {"policy": f"synthetic {layers}x{heads}", "hash": "", "compresses": True, "compressed": True, "layers": layers, "kv_heads": heads,
              "kv_bytes": 2 * layers * heads * 64 * 2 * 512, "kv_bytes_full": 2 * layers * heads * 64 * 2 * n, "protected": {"first": 4, "last": 64}, "tiers": [],
              "kept": [[len(h) for h in layer] for layer in positions], "positions": positions, "position_tiers": None}
     return {"model": "synthetic", "prompt_tokens": n, "chat": False, "marks": [{"text": "x", "start": 1000, "end": 1012}], "policies": [entry]}

@@ -35,7 +35,8 @@ class Held:
     protected_last: int  # the `keep ... = last n` span (0: none)
     kv_bytes: int
     kv_bytes_full: int
-    compressions: int  # layer compressions the prefill ran (0: the prompt was too short to compress)
+    compressions: int  # layer compressions the prefill ran (0: none fired, e.g. a prompt below a `when` guard)
+    compresses: bool  # whether the policy compresses at all (`full` does not)
 
     @property
     def counts(self) -> list[list[int]]:
@@ -45,6 +46,7 @@ class Held:
         return {
             "policy": self.name,
             "hash": self.content_hash,
+            "compresses": self.compresses,
             "compressed": self.compressions > 0,
             "layers": len(self.positions),
             "kv_heads": len(self.positions[0]) if self.positions else 0,
@@ -105,6 +107,7 @@ def read_held(cache: PolicyCache, policy: ir.Policy) -> Held:
         kv_bytes=cache.kv_bytes(),
         kv_bytes_full=cache.kv_bytes_full(),
         compressions=cache.compressions,
+        compresses=policy.compresses,
     )
 
 
