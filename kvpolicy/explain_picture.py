@@ -101,11 +101,8 @@ def _heatmap_height(entry: dict) -> float:
 
 
 def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
-    from matplotlib.patches import Patch
-
+    """One policy's block, `top` inches below the figure's top."""
     n = report["prompt_tokens"]
-    layers, heads = entry["layers"], entry["kv_heads"]
-    rows = layers * heads
     height = _heatmap_height(entry)
     fw, fh = fig.get_size_inches()
 
@@ -114,13 +111,25 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
 
     heat_top = top + TITLE + STRIP
     heat = axes(HEAT_X, heat_top, HEAT_W, height)
-    strip = axes(HEAT_X, heat_top - LANES - 0.05, HEAT_W, LANES, sharex=heat)
-    legend_ax = axes(BARS_X, top + TITLE, WIDTH - BARS_X, STRIP - 0.4)  # above the two panels' titles
-    bars = axes(BARS_X, heat_top, BARS_W, height, sharey=heat)
-    kvbytes = axes(BYTES_X, heat_top, BYTES_W, height)
+    counts = shares_to_counts(entry)
+    _heatmap(heat, entry, n, width, height)
+    _spans(axes(HEAT_X, heat_top - LANES - 0.05, HEAT_W, LANES, sharex=heat), heat, entry, report, width)
+    _per_head(axes(BARS_X, heat_top, BARS_W, height, sharey=heat), entry, counts)
+    fraction = _bytes(axes(BYTES_X, heat_top, BYTES_W, height), entry)
+    _legend(axes(BARS_X, top + TITLE, WIDTH - BARS_X, STRIP - 0.4), entry, counts, bool(report["marks"]))  # above the panels' titles
 
-    shares = cells(entry, n, width)
-    heat.imshow(colours(shares, len(entry["tiers"])), aspect="auto", interpolation="nearest", extent=(0, n, rows, 0))
+    totals = counts.sum(axis=1)
+    low, high = int(totals.min()), int(totals.max())
+    held = f"{low} tokens per head" if low == high else f"{low}–{high} tokens per head (mean {totals.mean():.0f})"
+    note = "" if entry["compressed"] else " — " + not_compressed(entry)
+    fig.text(0.1 / fw, 1 - (top + 0.1) / fh, f"{entry['policy']}: {held}, {fraction:.0%} of the full cache's bytes{note}",
+             ha="left", va="top", fontsize=FONT + 1)
+
+
+def _heatmap(heat, entry: dict, n: int, width: int, height: float) -> None:
+    layers, heads = entry["layers"], entry["kv_heads"]
+    rows = layers * heads
+    heat.imshow(colours(cells(entry, n, width), len(entry["tiers"])), aspect="auto", interpolation="nearest", extent=(0, n, rows, 0))
     for boundary in range(heads, rows, heads):  # layer groups
         heat.axhline(boundary, color="white", linewidth=0.8 if rows <= 120 else 0.5)
     step = _label_step(layers, height * 72 / layers)
@@ -128,10 +137,13 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
     heat.tick_params(axis="y", length=0)
     heat.set_xlabel(f"prompt position (tokens; one column = {width} tokens)" if width > 1 else "prompt position (tokens)")
     heat.set_xlim(0, n)
-    strip.tick_params(axis="x", labelbottom=False)
 
+
+def _spans(strip, heat, entry: dict, report: dict, width: int) -> None:
+    """Two lanes above the heatmap: protected spans on top, marked text below
+    (they often overlap: a needle near the end); marks are framed on the heatmap too."""
+    n = report["prompt_tokens"]
     least = n * 0.006  # the narrowest span drawn: one token of 4k still shows
-    # Two lanes: protected spans above, marked text below (they often overlap: a needle near the end).
     spans = []
     if entry["protected"]["first"]:
         spans.append((0, min(n, entry["protected"]["first"]), PROTECTED, 0.55))
@@ -146,8 +158,10 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
     strip.set_ylim(0, 1)
     strip.axis("off")
 
-    # Per-head tokens held, stacked by tier, on the heatmap's rows.
-    counts = shares_to_counts(entry)
+
+def _per_head(bars, entry: dict, counts: np.ndarray) -> None:
+    """Tokens held per (layer, kv_head), stacked by tier, on the heatmap's rows."""
+    rows = counts.shape[0]
     left = np.zeros(rows)
     for t in range(counts.shape[1]):
         colour = TIER_COLOURS[t % len(TIER_COLOURS)] if entry["tiers"] else HELD
@@ -161,6 +175,9 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
     bars.locator_params(axis="x", nbins=3)
     bars.set_ylim(rows, 0)
 
+
+def _bytes(kvbytes, entry: dict) -> float:
+    """The KV bytes held as a share of a full cache's; returns that share."""
     fraction = entry["kv_bytes"] / entry["kv_bytes_full"] if entry["kv_bytes_full"] else 1.0
     kvbytes.bar([0], [1.0], color="white", edgecolor="#888888", width=0.9)
     kvbytes.bar([0], [fraction], color="#555555", width=0.9)
@@ -174,21 +191,21 @@ def _draw_block(fig, top: float, entry: dict, report: dict, width: int) -> None:
     kvbytes.set_yticks([])
     kvbytes.set_title("KV bytes")
     kvbytes.set_xlabel(f"{_mb(entry['kv_bytes'])}\nof {_mb(entry['kv_bytes_full'])}", fontsize=FONT - 2)
+    return fraction
 
-    low, high = int(totals.min()), int(totals.max())
-    held = f"{low} tokens per head" if low == high else f"{low}–{high} tokens per head (mean {totals.mean():.0f})"
-    note = "" if entry["compressed"] else " — " + not_compressed(entry)
-    fig.text(0.1 / fw, 1 - (top + 0.1) / fh, f"{entry['policy']}: {held}, {fraction:.0%} of the full cache's bytes{note}", ha="left", va="top", fontsize=FONT + 1)
 
-    legend_ax.axis("off")
+def _legend(where, entry: dict, counts: np.ndarray, marked: bool) -> None:
+    from matplotlib.patches import Patch
+
+    where.axis("off")
     handles = [Patch(color=TIER_COLOURS[t % len(TIER_COLOURS)], label=name) for t, name in enumerate(entry["tiers"]) if counts[:, t].any()]
     if not entry["tiers"]:
         handles.append(Patch(color=HELD, label="held"))
     if entry["protected"]["first"] or entry["protected"]["last"]:
         handles.append(Patch(color=PROTECTED, label="protected"))
-    if report["marks"]:
+    if marked:
         handles.append(Patch(color=MARK, label="needle"))
-    legend_ax.legend(handles=handles, loc="center left", ncol=2, frameon=False, fontsize=FONT - 2, handlelength=1.0, columnspacing=0.8)
+    where.legend(handles=handles, loc="center left", ncol=2, frameon=False, fontsize=FONT - 2, handlelength=1.0, columnspacing=0.8)
 
 
 def not_compressed(entry: dict) -> str:
