@@ -258,6 +258,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
             self.rows: list[StepRow] = []
             self.report: dict[str, tuple[int, list[int]]] = {}
             self.vllm_config = vllm_config
+            self.on_event = None  # optional callable(req_id, phase, region positions [layers, Hkv, n]): tests read kept sets
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -360,6 +361,8 @@ class KVPolicyConnector(KVConnectorBase_V1):
             dropped = self.compressor.compress(row, self.caches, phase)
             if dropped is not None:
                 self.report[row.state.req_id] = (dropped, list(row.state.selected))
+                if self.on_event is not None:
+                    self.on_event(row.state.req_id, phase, row.state.region_pos.clone())
 
     def build_connector_worker_meta(self):
         if not self.report:
