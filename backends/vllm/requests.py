@@ -25,7 +25,6 @@ from .paged_cpu import PageLayout
 @dataclass
 class RequestState:
     req_id: str
-    first_block: int  # the request's first block id: how a batch row is matched to it
     prompt_len: int
     prefill_end: int  # logical length at which the (re)computed prefill is done
     run: object  # the policy's SequenceRun
@@ -60,8 +59,8 @@ class Compressor:
         self.layout = layout
         self.decode_observes = any(t.kind != "prefill" for t in engine.ir.triggers)
 
-    def new_state(self, req_id: str, first_block: int, prompt_len: int, prefill_end: int) -> RequestState:
-        return RequestState(req_id, first_block, prompt_len, prefill_end, self.engine.new_sequence())
+    def new_state(self, req_id: str, prompt_len: int, prefill_end: int) -> RequestState:
+        return RequestState(req_id, prompt_len, prefill_end, self.engine.new_sequence())
 
     def wants_queries(self, row: StepRow) -> bool:
         """Whether this step's queries of the row go into the observed window."""

@@ -211,10 +211,15 @@ class KVPolicyCPUAttentionImpl(CPUAttentionBackendImpl):
 @dataclasses.dataclass
 class KVPolicyMeta(KVConnectorMetadata):
     """Scheduler -> worker, each step: requests (re)starting from scratch
-    (req_id -> first block id, prompt length, prefill end) and requests gone."""
+    (req_id -> prompt length, prefill end), requests gone, and the block that
+    holds each scheduled request's last token this step (block id -> req_id):
+    a block the request holds, so no other row's table has it live (a
+    request's first block would not do: it is freed by compression and can
+    start another request's table)."""
 
-    starts: dict[str, tuple[int, int, int]]
+    starts: dict[str, tuple[int, int]]
     gone: set[str]
+    last_blocks: dict[int, str]
 
 
 @dataclasses.dataclass
@@ -252,7 +257,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
             self.model_dtype = vllm_config.model_config.dtype
             self.kv_cache_dtype = vllm_config.cache_config.cache_dtype
             self.states = {}  # req_id -> RequestState
-            self.first_blocks = {}  # first block id -> req_id
+            self.last_blocks = {}  # this step: block id -> req_id
             self.caches: list[torch.Tensor] = []
             self.compressor = None
             self.rows: list[StepRow] = []
@@ -305,29 +310,25 @@ class KVPolicyConnector(KVConnectorBase_V1):
             return
         for req_id in meta.gone:
             self._forget(req_id)
-        for req_id, (first_block, prompt_len, prefill_end) in meta.starts.items():
-            self._forget(req_id)
-            self.states[req_id] = self.compressor.new_state(req_id, first_block, prompt_len, prefill_end)
-            self.first_blocks[first_block] = req_id
+        for req_id, (prompt_len, prefill_end) in meta.starts.items():
+            self.states[req_id] = self.compressor.new_state(req_id, prompt_len, prefill_end)
+        self.last_blocks = meta.last_blocks
 
     def _forget(self, req_id: str) -> None:
-        state = self.states.pop(req_id, None)
-        if state is not None and self.first_blocks.get(state.first_block) == req_id:
-            del self.first_blocks[state.first_block]
+        self.states.pop(req_id, None)
 
     def rows_of(self, cm):
         """(this step's rows, per-row token shift or None when nothing is compressed)."""
         rows, shifts = [], []
         starts = cm.query_start_loc_cpu.tolist()
         seq_lens = cm.seq_lens.tolist()
-        first = cm.block_table_tensor[: cm.num_reqs, 0].tolist()
         for row in range(cm.num_reqs):
-            req_id = self.first_blocks.get(int(first[row]))
+            n_blocks = -(-seq_lens[row] // self.block_size)
+            req_id = self.last_blocks.get(int(cm.block_table_tensor[row, n_blocks - 1])) if n_blocks else None
             state = self.states.get(req_id) if req_id is not None else None
             if state is None:  # a dummy or profiling run, or a request we do not know
                 shifts.append(0)
                 continue
-            n_blocks = -(-seq_lens[row] // self.block_size)
             rows.append(StepRow(state, cm.block_table_tensor[row, :n_blocks].clone(), starts[row], starts[row + 1], seq_lens[row]))
             shifts.append(state.dropped * self.block_size)
         self.rows = rows
@@ -388,21 +389,26 @@ class KVPolicyConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output):
         starts = {}
-        for new in scheduler_output.scheduled_new_reqs:
-            request = self.requests.get(new.req_id)
-            if request is not None:
-                starts[new.req_id] = (new.block_ids[0][0], request.num_prompt_tokens, request.num_tokens)
-                self.dropped[new.req_id] = 0
+        restarted = [new.req_id for new in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
-        for index, req_id in enumerate(cached.req_ids):
-            if req_id in cached.resumed_req_ids and req_id in self.requests:
-                request = self.requests[req_id]
-                starts[req_id] = (cached.new_block_ids[index][0][0], request.num_prompt_tokens, request.num_tokens)
+        restarted += [req_id for req_id in cached.req_ids if req_id in cached.resumed_req_ids]
+        for req_id in restarted:
+            request = self.requests.get(req_id)
+            if request is not None:
+                starts[req_id] = (request.num_prompt_tokens, request.num_tokens)
                 self.dropped[req_id] = 0
         gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
         for req_id in scheduler_output.preempted_req_ids or ():
             self.dropped[req_id] = 0
-        return KVPolicyMeta(starts=starts, gone=gone)
+        manager = self._kv_cache_manager.coordinator.single_type_managers[0]
+        last_blocks = {}
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            request, blocks = self.requests.get(req_id), manager.req_to_blocks.get(req_id)
+            if request is None or not blocks:
+                continue
+            end = request.num_computed_tokens + scheduled  # num_computed_tokens is still the pre-step count here
+            last_blocks[blocks[(end - 1) // self.block_size].block_id] = req_id
+        return KVPolicyMeta(starts=starts, gone=gone, last_blocks=last_blocks)
 
     def update_connector_output(self, connector_output):
         report = connector_output.kv_connector_worker_meta
