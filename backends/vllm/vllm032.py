@@ -189,7 +189,7 @@ class KVPolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 changes["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound - shift
             cm = dataclasses.replace(cm, **changes)
         metadata = super().build(common_prefix_len, cm, fast_build)
-        metadata.kvpolicy_rows = rows
+        metadata.kvpolicy_rows = [row for row in rows if connector.compressor.wants_queries(row)]  # decided once per step, read by every layer
         return metadata
 
 
@@ -338,8 +338,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
 
     def observe(self, rows, layer: int, query: torch.Tensor) -> None:
         for row in rows:
-            if self.compressor.wants_queries(row):
-                self.compressor.observe(row, layer, query)
+            self.compressor.observe(row, layer, query)
 
     def start_load_kv(self, forward_context, **kwargs):
         return
@@ -448,3 +447,20 @@ class KVPolicyConnector(KVConnectorBase_V1):
             "selected_per_layer": selected,
         }
         return False, {"kvpolicy": stats}
+
+
+# --------------------------------------------------------------------- measurement (in-process engines only)
+
+
+def _scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler  # VLLM_ENABLE_V1_MULTIPROCESSING=0
+
+
+def block_pool_of(llm):
+    """The engine's KV block pool (num_gpu_blocks, get_num_free_blocks())."""
+    return _scheduler_of(llm).kv_cache_manager.block_pool
+
+
+def running_count_of(llm):
+    scheduler = _scheduler_of(llm)
+    return lambda: len(scheduler.running)
