@@ -283,3 +283,14 @@ def test_vllm_serve_over_http_gives_the_in_process_tokens(snapkv_run, smollm2_hf
         ours = reply["kv_transfer_params"]["kvpolicy"]  # what the request held, in the HTTP response
         assert ours["blocks_dropped"] == stats["blocks_dropped"] > 0 and ours["physical_length"] == stats["physical_length"]
     assert "vllm:kv_cache_usage_perc" in metrics
+
+
+def test_server_with_a_bad_policy_exits_with_one_line():
+    from kvpolicy import models
+
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.path("smollm2-135m")),
+               "--dtype", "float32", "--enforce-eager", "--port", "0", "--additional-config", json.dumps({"kvpolicy": {"policy": "snapkvv"}})]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", VLLM_TARGET_DEVICE="cpu"))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no policy file or shipped policy named 'snapkvv'; did you mean 'snapkv'?")
