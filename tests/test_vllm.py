@@ -92,8 +92,9 @@ def test_snapkv_keeps_the_hf_engines_sets_and_tokens(snapkv_run, smollm2_hf):
 
     model, tok = smollm2_hf
     policy = kvpolicy.load("snapkv", **SNAPKV)
-    for ids, tokens, stats, event in zip(snapkv_run["prompt_ids"], snapkv_run["tokens"], snapkv_run["stats"], snapkv_run["events"]):
-        assert event is not None and event["phase"] == "prefill"
+    for ids, tokens, stats, events in zip(snapkv_run["prompt_ids"], snapkv_run["tokens"], snapkv_run["stats"], snapkv_run["events"]):
+        assert events is not None and [e["phase"] for e in events] == ["prefill"]
+        event = events[0]
         ours = [[sorted(head) for head in layer] for layer in event["positions"]]
         assert ours == _hf_prefill_kept(model, ids, BLOCK)
         hf = decoding.generate(model, tok, torch.tensor([ids]), policy=policy, max_new_tokens=MAX_TOKENS, stop_at_eos=False, block_size=BLOCK)
@@ -103,6 +104,40 @@ def test_snapkv_keeps_the_hf_engines_sets_and_tokens(snapkv_run, smollm2_hf):
         assert 64 <= physical_at_event < 64 + BLOCK and (len(ids) - physical_at_event) % BLOCK == 0
         assert stats["physical_length"] == physical_at_event + MAX_TOKENS - 1
         assert stats["blocks_held"] == -(-(stats["logical_length"]) // BLOCK) - stats["blocks_dropped"]
+
+
+def test_rkv_compresses_during_decoding_like_the_hf_engine(smollm2_hf):
+    """R-KV compresses at prefill and whenever the length reaches budget +
+    buffer: several decode-time events per request, same tokens as HF."""
+    from kvpolicy.backends.hf import decoding
+
+    params, max_tokens = {"budget": 64, "buffer": 32, "window": 8}, 48
+    ours = run_engine({"policy": "rkv", "params": params, "engine": ENGINE, "texts": TEXTS[1:], "max_tokens": max_tokens})
+    model, tok = smollm2_hf
+    policy = kvpolicy.load("rkv", **params)
+    for ids, tokens, stats, events in zip(ours["prompt_ids"], ours["tokens"], ours["stats"], ours["events"]):
+        phases = [e["phase"] for e in events]
+        assert phases[0] == "prefill" and phases.count("decode") >= 1
+        hf = decoding.generate(model, tok, torch.tensor([ids]), policy=policy, max_new_tokens=max_tokens, stop_at_eos=False, block_size=BLOCK)
+        assert tokens == hf.tokens
+        assert {count for layer in hf.stats.kept for count in layer} == {stats["physical_length"]}
+
+
+def test_hardkv_cascade_runs_like_the_hf_engine(smollm2_hf):
+    """A cascade (calibrated top-p into a masked tier, condensed every 2
+    events) with prefill and decode events: masked tokens are compacted away
+    in both engines under the block rule; same tokens."""
+    from kvpolicy.backends.hf import decoding
+
+    params, max_tokens = {"budget": 64, "window": 16, "interval": 8}, 20
+    ours = run_engine({"policy": "hardkv", "params": params, "engine": ENGINE, "texts": TEXTS[1:2], "max_tokens": max_tokens})
+    model, tok = smollm2_hf
+    ids, tokens, stats = ours["prompt_ids"][0], ours["tokens"][0], ours["stats"][0]
+    assert [e["phase"] for e in ours["events"][0]][0] == "prefill" and stats["blocks_dropped"] > 0
+    hf = decoding.generate(model, tok, torch.tensor([ids]), policy=kvpolicy.load("hardkv", **params), max_new_tokens=max_tokens,
+                           stop_at_eos=False, block_size=BLOCK)
+    assert tokens == hf.tokens
+    assert {count for layer in hf.stats.kept for count in layer} == {stats["physical_length"]}
 
 
 def test_compression_frees_blocks_in_the_pool(snapkv_run):

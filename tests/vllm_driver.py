@@ -40,12 +40,12 @@ def _generate(llm, spec, out):
 
     tok = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": tok(text).input_ids} for text in spec["texts"]]
-    events = out.setdefault("events", {})  # req_id -> the kept positions of its first event
+    events = out.setdefault("events", {})  # req_id -> [{phase, kept positions}] of its events
     if spec.get("policy") and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
         def record(req_id, phase, positions):
-            events.setdefault(req_id, {"phase": phase, "positions": positions.tolist()})
+            events.setdefault(req_id, []).append({"phase": phase, "positions": positions.tolist()})
 
         get_kv_transfer_group().on_event = record
     results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True), use_tqdm=False)

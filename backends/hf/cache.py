@@ -276,7 +276,7 @@ class PolicyCache(Cache):
         due = [layer.physical > 0 and self.engine.due(self.run, index, phase, layer.held()) for index, layer in enumerate(self.layers)]
         if not any(due):
             return
-        kept = []
+        kept, tiers = [], [None] * len(self.layers)
         for index, layer in enumerate(self.layers):
             if not due[index]:
                 kept.append(layer.valid)
@@ -284,15 +284,16 @@ class PolicyCache(Cache):
             keys, values = layer.padded_kv()
             inputs = LayerInputs(keys=keys, values=values, valid=layer.valid, key_pos=layer.positions, states=dict(layer.states), tiers=layer.tiers)
             decision = self.engine.compress_layer(self.run, index, inputs)
-            if not decision.physical or decision.values is not None or decision.tiers is not None:
-                raise ValueError("block_size needs a policy whose events only drop tokens (no merge, no mask tiers)")
-            kept.append(decision.kept)
+            if decision.values is not None:
+                raise ValueError("block_size needs a policy whose events only drop tokens (no merge)")
+            kept.append(decision.kept)  # a masked tier is compacted: attention never sees it again either way
+            tiers[index] = decision.tiers
             self.compressions += 1
         first = self.layers[0]
         kept, _ = blocks.apply(kept, [layer.positions for layer in self.layers], [layer.valid for layer in self.layers],
                                first.logical, first.physical, self.block_size)
-        for layer, layer_kept in zip(self.layers, kept):
-            layer.apply(layer_kept, True, None, None)
+        for layer, layer_kept, layer_tiers in zip(self.layers, kept, tiers):
+            layer.apply(layer_kept, True, None, layer_tiers)
 
     def settle(self) -> None:
         """Carry out deferred compactions now (timed as compression)."""

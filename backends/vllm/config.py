@@ -65,8 +65,11 @@ def unsupported(policy_ir) -> str:
     drop tokens: what it keeps is compacted, the rest freed."""
     if policy_ir.states:
         return "it accumulates per-token attention (states), and vLLM's CPU attention kernel does not return attention probabilities"
-    if policy_ir.cascade:
-        return "it has a cascade of tiers (masked or stored tiers need per-slot masks the CPU attention kernel cannot apply)"
+    stored = next((t for t in policy_ir.cascade if t.store != "native"), None)
+    if stored is not None:
+        return f"tier {stored.name} stores its tokens as {stored.store}, and the paged cache holds one dtype"
+    if any(t.merge is not None for t in policy_ir.cascade):
+        return "a tier merges evicted tokens into kept ones (values change in place), which this integration does not write back yet"
     if policy_ir.merge is not None:
         return "it merges evicted tokens into kept ones (values change in place), which this integration does not write back yet"
     return ""

@@ -31,6 +31,7 @@ class RequestState:
     dropped: int = 0  # whole leading blocks freed
     compacted_at: int = 0  # logical length at the last compaction
     region_pos: torch.Tensor | None = None  # [layers, Hkv, compacted_at - dropped*bs] logical position of each slot
+    region_tiers: torch.Tensor | None = None  # the same slots' cascade tiers (cascade policies; later slots are tier 0)
     prefilled: bool = False
     selected: list[int] = field(default_factory=list)  # per layer: the largest per-head selection at the last event
     events: int = 0
@@ -97,6 +98,7 @@ class Compressor:
             return None
         slot_block, slot_offset = self._slots(row.block_ids, state.dropped * bs, logical)
         key_pos = self._positions(state, logical)  # [layers, Hkv, physical]
+        tiers = self._tiers(state, key_pos) if engine.ir.cascade else None
         valid = torch.ones(key_pos.shape[1:], dtype=torch.bool)
         kept, selected = [], []
         for layer, cache in enumerate(caches):
@@ -105,24 +107,34 @@ class Compressor:
                 selected.append(physical)
                 continue
             keys, values = self.layout.read(cache, slot_block, slot_offset)
-            inputs = LayerInputs(keys=keys.float(), values=values.float(), valid=valid, key_pos=key_pos[layer])
+            inputs = LayerInputs(keys=keys.float(), values=values.float(), valid=valid, key_pos=key_pos[layer],
+                                 tiers=None if tiers is None else tiers[layer])
             decision = engine.compress_layer(state.run, layer, inputs)
+            # a masked tier is compacted like a dropped token: attention never
+            # sees it again either way (merges are refused at startup)
             kept.append(decision.kept)
+            if tiers is not None and decision.tiers is not None:
+                tiers[layer] = decision.tiers
             selected.append(int(decision.kept.sum(dim=1).max()))
         state.selected, state.events = selected, state.events + 1
         kept, new_physical = blocks.apply(kept, list(key_pos), [valid] * len(caches), logical, physical, bs)
         if new_physical == physical:
+            if tiers is not None:  # nothing moves, but tokens changed tier: the whole region is now described
+                state.region_pos, state.region_tiers, state.compacted_at = key_pos.clone(), tiers, logical
             return None
         dropped = (logical - new_physical) // bs
         target_block, target_offset = self._slots(row.block_ids, dropped * bs, logical)
-        region = []
+        region, region_tiers = [], []
         for layer, cache in enumerate(caches):
             # kept slots in position order (the region is already position-sorted per head)
             order = torch.sort((~kept[layer]).to(torch.int8), dim=1, stable=True).indices[:, :new_physical]
             keys, values = self.layout.read(cache, slot_block[order], slot_offset[order])  # gathered first: sources may be overwritten
             self.layout.write(cache, target_block, target_offset, keys, values)
             region.append(torch.gather(key_pos[layer], 1, order))
+            if tiers is not None:
+                region_tiers.append(torch.gather(tiers[layer], 1, order))
         state.region_pos = torch.stack(region)
+        state.region_tiers = torch.stack(region_tiers) if tiers is not None else None
         state.dropped, state.compacted_at = dropped, logical
         return dropped
 
@@ -130,6 +142,13 @@ class Compressor:
         """(block id, offset) of logical slots start..end-1."""
         index = torch.arange(start, end)
         return block_ids[index // self.block_size].long(), index % self.block_size
+
+    def _tiers(self, state: RequestState, key_pos: torch.Tensor) -> torch.Tensor:
+        """[layers, Hkv, physical] cascade tier of each slot (new tokens are in tier 0)."""
+        tiers = torch.zeros_like(key_pos)
+        if state.region_tiers is not None:
+            tiers[..., : state.region_tiers.shape[-1]] = state.region_tiers
+        return tiers
 
     def _positions(self, state: RequestState, logical: int) -> torch.Tensor:
         """[layers, Hkv, physical] logical position held in each physical slot."""
