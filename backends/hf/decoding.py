@@ -127,7 +127,7 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
     if prefilled is not None:  # already compressed for this policy (prefill.py)
         cache, last_logits = prefilled.compressed(engine), prefilled.logits
     else:
-        cache = PolicyCache(engine, block_size)
+        cache = PolicyCache(engine, block_size) if block_size else PolicyCache(engine)
         with attention.active(cache):
             last_logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
         cache.compress("prefill")
