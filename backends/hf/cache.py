@@ -223,8 +223,9 @@ def _append_slots(meta: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, 
 class PolicyCache(Cache):
     """The per-sequence cache the HF engine runs a policy on."""
 
-    def __init__(self, engine: TorchPolicy):
+    def __init__(self, engine: TorchPolicy, block_size: int | None = None):
         self.engine = engine
+        self.block_size = block_size  # apply the paged engines' per-head block rule (runtime/blocks.py)
         self.run = engine.new_sequence()
         shape = engine.shape
         states = [s.name for s in engine.ir.states]
@@ -237,14 +238,16 @@ class PolicyCache(Cache):
         super().__init__(layers=layers)
         self.compress_seconds = 0.0
         self.compressions = 0
-        self.batch = LayerBatch.for_engine(engine)  # None unless all layers can compress in one call
+        self.batch = None if block_size else LayerBatch.for_engine(engine)  # None unless all layers can compress in one call
 
     def compress(self, phase: str) -> None:
         """Run the policy on every layer that is due (after a forward pass)."""
         if not self.engine.plan.compresses:
             return
         start = time.perf_counter()
-        if self.batch is None or not self.batch.compress(self, phase):
+        if self.block_size:
+            self._compress_in_blocks(phase)
+        elif self.batch is None or not self.batch.compress(self, phase):
             for index, layer in enumerate(self.layers):
                 if layer.physical == 0 or not self.engine.due(self.run, index, phase, layer.held()):
                     continue
@@ -264,6 +267,33 @@ class PolicyCache(Cache):
             for layer in self.layers:
                 layer.settle()
         self.compress_seconds += time.perf_counter() - start
+
+    def _compress_in_blocks(self, phase: str) -> None:
+        """Every layer's decision first, then one physical length for all of
+        them by the block rule (what vLLM's paged cache can hold)."""
+        from kvpolicy.runtime import blocks
+
+        due = [layer.physical > 0 and self.engine.due(self.run, index, phase, layer.held()) for index, layer in enumerate(self.layers)]
+        if not any(due):
+            return
+        kept, tiers = [], [None] * len(self.layers)
+        for index, layer in enumerate(self.layers):
+            if not due[index]:
+                kept.append(layer.valid)
+                continue
+            keys, values = layer.padded_kv()
+            inputs = LayerInputs(keys=keys, values=values, valid=layer.valid, key_pos=layer.positions, states=dict(layer.states), tiers=layer.tiers)
+            decision = self.engine.compress_layer(self.run, index, inputs)
+            if decision.values is not None:
+                raise ValueError("block_size needs a policy whose events only drop tokens (no merge)")
+            kept.append(decision.kept)  # a masked tier is compacted: attention never sees it again either way
+            tiers[index] = decision.tiers
+            self.compressions += 1
+        first = self.layers[0]
+        kept, _ = blocks.apply(kept, [layer.positions for layer in self.layers], [layer.valid for layer in self.layers],
+                               first.logical, first.physical, self.block_size)
+        for layer, layer_kept, layer_tiers in zip(self.layers, kept, tiers):
+            layer.apply(layer_kept, True, None, layer_tiers)
 
     def settle(self) -> None:
         """Carry out deferred compactions now (timed as compression)."""

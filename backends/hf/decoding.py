@@ -91,17 +91,18 @@ class Scored:
 
 @torch.inference_mode()
 def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bool = False, stop_at_eos: bool = True,
-             prefilled=None, backend: str = "torch") -> Result:
+             prefilled=None, block_size: int | None = None, backend: str = "torch") -> Result:
     """Greedy decoding of one prompt under a policy (from a shared full-cache
     prefill of the same prompt when `prefilled`, one or a list, has one the
-    policy can fork: see prefill.py)."""
+    policy can fork: see prefill.py). `block_size`: hold one physical length
+    for all layers and heads, as vLLM does (kvpolicy/runtime/blocks.py)."""
     eos = tok.eos_token_id
 
     def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
         token = int(logits.argmax())
         return token, step == max_new_tokens or (stop_at_eos and token == eos)
 
-    generated, _, stats = _decode(model, prepare(model, policy, backend), encode(tok, prompt, chat), choose, False, prefilled)
+    generated, _, stats = _decode(model, prepare(model, policy, backend), encode(tok, prompt, chat), choose, False, prefilled, block_size)
     return Result(text=tok.decode(generated, skip_special_tokens=True), tokens=generated, stats=stats)
 
 
@@ -119,18 +120,18 @@ def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None,
     return Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
 
 
-def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool, prefilled=None):
+def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool, prefilled=None, block_size=None):
     """Prefill (or fork a shared one), compress, then one token at a time:
     `choose(step, logits)` gives (token, last?) for step 1, 2, ..."""
     options = [] if prefilled is None else list(prefilled) if isinstance(prefilled, (list, tuple)) else [prefilled]
     if any(not torch.equal(option.prompt_ids, input_ids) for option in options):
         raise ValueError("the shared prefill is of another prompt")
-    prefilled = next((option for option in options if option.can_fork(engine)), None)
+    prefilled = None if block_size else next((option for option in options if option.can_fork(engine)), None)
     start = time.perf_counter()
     if prefilled is not None:  # already compressed for this policy (prefill.py)
         cache, last_logits = prefilled.compressed(engine), prefilled.logits
     else:
-        cache = PolicyCache(engine)
+        cache = PolicyCache(engine, block_size) if block_size else PolicyCache(engine)
         with attention.active(cache):
             last_logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
         cache.compress("prefill")

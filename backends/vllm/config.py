@@ -1,0 +1,75 @@
+"""What a user writes in vLLM's `additional_config["kvpolicy"]`, checked.
+
+    {"policy": "snapkv" | "path/to/mine.kvp",   # required
+     "params": {"budget": 512},                  # optional param overrides
+     }
+
+Nothing here imports vLLM: `parse` turns the dict into Settings (the policy
+loaded and checked, so a bad policy fails with the checker's FILE:LINE:COL
+message), and `unsupported` says why a checked policy cannot run inside
+vLLM's paged cache (an empty string when it can).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import kvpolicy
+from kvpolicy.errors import KvpolicyError
+
+KEY = "kvpolicy"
+FIELDS = {"policy", "params"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy: object  # kvpolicy.Policy
+    params: dict
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+
+def parse(additional_config) -> Settings | None:
+    """Settings from vLLM's additional_config; None when kvpolicy is not configured."""
+    if not isinstance(additional_config, dict) or KEY not in additional_config:
+        return None
+    raw = additional_config[KEY]
+    if isinstance(raw, str):  # a JSON string (e.g. from an env var or a shell)
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise KvpolicyError(f"kvpolicy: additional_config['kvpolicy'] is not valid JSON: {err.msg} at column {err.colno}") from None
+    if not isinstance(raw, dict):
+        raise KvpolicyError(f"kvpolicy: additional_config['kvpolicy'] must be an object like {{\"policy\": \"snapkv\"}}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - FIELDS)
+    if unknown:
+        raise KvpolicyError(f"kvpolicy: unknown field(s) {', '.join(map(repr, unknown))} in additional_config['kvpolicy'] (known: {', '.join(sorted(FIELDS))})")
+    name = raw.get("policy")
+    if not isinstance(name, str) or not name:
+        raise KvpolicyError("kvpolicy: additional_config['kvpolicy'] needs \"policy\": a shipped policy name or a path to a .kvp file")
+    params = raw.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise KvpolicyError("kvpolicy: \"params\" must be an object of param names to values, e.g. {\"budget\": 512}")
+    policy = kvpolicy.load(name, **params)  # checker errors carry FILE:LINE:COL
+    reason = unsupported(policy.ir)
+    if reason:
+        raise KvpolicyError(f"kvpolicy: policy '{policy.name}' cannot run in vLLM: {reason}")
+    return Settings(policy=policy, params=dict(params))
+
+
+def unsupported(policy_ir) -> str:
+    """Why the vLLM path cannot run this policy ('' when it can). The paged
+    cache holds one physical length per request, and every event must only
+    drop tokens: what it keeps is compacted, the rest freed."""
+    if policy_ir.states:
+        return "it accumulates per-token attention (states), and vLLM's CPU attention kernel does not return attention probabilities"
+    stored = next((t for t in policy_ir.cascade if t.store != "native"), None)
+    if stored is not None:
+        return f"tier {stored.name} stores its tokens as {stored.store}, and the paged cache holds one dtype"
+    if any(t.merge is not None for t in policy_ir.cascade):
+        return "a tier merges evicted tokens into kept ones (values change in place), which this integration does not write back yet"
+    if policy_ir.merge is not None:
+        return "it merges evicted tokens into kept ones (values change in place), which this integration does not write back yet"
+    return ""
