@@ -123,3 +123,14 @@ def test_decode_run_end_to_end(smollm2, tmp_path):
     assert not set(sample["continuation_ids"]) & set(decode_tasks.end_tokens(smollm2[1]))  # the trace never ends its turn
     assert abs(rkv["peak"] - 0.5) <= mem.tolerance(0.5) and rkv["compression_steps"] and len(rkv["segments"]) == decode.SEGMENTS
     assert rkv["mean"] <= rkv["peak"]
+
+
+@pytest.mark.model
+@pytest.mark.xfail(strict=True, reason="a cascade tier without a select (hardkv's condensed) takes every token of its source at "
+                   "each rewrite and never re-selects its own, so while decoding it outgrows its `cap`, which the checker "
+                   "accepted: the checker must bound such a tier over repeated compressions, or the backend enforce the cap")
+def test_hardkv_cascade_keeps_its_cap_while_decoding(smollm2, prose):
+    budget, window = 8, 4
+    stats = run(smollm2, prose, kvpolicy.load("hardkv", budget=budget, window=window, interval=16, p=0.99))
+    assert len(stats.compression_steps) >= 4
+    assert max(c for layer in stats.kept for c in layer) <= 2 * budget + window
