@@ -899,13 +899,15 @@ def test_pyramidkv_decode_every_buffer_steps(case, data):
 
 
 def direct_sparse_tier(name: str):
-    """The direct formula of a HARD-KV flavour's first compression."""
-    if name == "hardkv":
+    """The direct formula of a HARD-KV flavour's first compression
+    (hardkv_decode, which rewrites each head at once, keeps what hardkv's
+    sparse tier keeps)."""
+    if name in ("hardkv", "hardkv_decode"):
         return direct_hardkv_sparse
     return lambda case, p, budget, window, temperature, rel: direct_hardkv_rkv_sparse(case, p, budget, window, 0.07, temperature, rel)
 
 
-@pytest.mark.parametrize("name", ["hardkv", "hardkv_rkv"])
+@pytest.mark.parametrize("name", ["hardkv", "hardkv_rkv", "hardkv_decode"])
 @EXAMPLES
 @given(case=random_cases(), data=st.data())
 def test_hardkv_sparse_tier(name, case, data):
