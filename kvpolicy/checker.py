@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, replace
 
 from . import ast, ir
-from .builtins import BUILTINS, GRANULARITIES, LAYOUTS, MERGE_TARGETS, POLICY_LAYOUTS, RESTRICTABLE, SCOPES, STORES, UNITS
+from .ops import BUILTINS, GRANULARITIES, LAYOUTS, MERGE_TARGETS, POLICY_LAYOUTS, RESTRICTABLE, SCOPES, STORES, UNITS
 from .diagnostics import Diagnostic, PolicyError, Source, Span, did_you_mean
 from .syntax import keywords
 from .typecheck import ERROR, MAX_MAGNITUDE, ExprChecker, Typed, describe, fmt_number

@@ -74,10 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", metavar="DIR", help="output directory (default: build/NAME)")
     comp.set_defaults(run=cmd_compile)
 
-    exp = sub.add_parser("explain", help="what a policy keeps and when, in plain words")
-    exp.add_argument("file", metavar="FILE")
+    exp = sub.add_parser("explain", help="what a policy keeps and when, in plain words (or, with --prompt, on a prompt)")
+    exp.add_argument("files", nargs="+", metavar="FILE", help="a .kvp file or a shipped policy name (several with --prompt)")
     exp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a param")
     exp.add_argument("--layers", type=int, metavar="N", help="show per-layer budgets for a model with N layers")
+    exp.add_argument("--prompt", metavar="FILE", help="prefill this text file under each policy and report what every (layer, kv head) holds")
+    exp.add_argument("--model", default="smollm2-135m", metavar="NAME", help="with --prompt: a known model name or a converted HF directory (default: smollm2-135m)")
+    exp.add_argument("--chat", action="store_true", help="with --prompt: wrap the prompt in the model's chat template")
+    exp.add_argument("--png", metavar="OUT", help="with --prompt: draw the held positions per head to this PNG")
+    exp.add_argument("--json", metavar="OUT", help="with --prompt: write the held positions per head and the bytes as JSON")
+    exp.add_argument("--mark", action="append", default=[], metavar="TEXT", help="with --prompt: show where TEXT (a needle) lies in the prompt")
     exp.set_defaults(run=cmd_explain)
 
     lst = sub.add_parser("list", help="the shipped policies, one line each")
@@ -169,9 +175,18 @@ def cmd_compile(args) -> int:
 def cmd_explain(args) -> int:
     if args.layers is not None and not 1 <= args.layers <= 4096:
         raise UsageError("--layers must be between 1 and 4096")
-    policy, _ = _compile(args.file, _overrides(args.set))
+    needs_prompt = [flag for flag, value in (("--png", args.png), ("--json", args.json), ("--mark", args.mark), ("--chat", args.chat)) if value]
+    if args.prompt is None and needs_prompt:
+        raise UsageError(f"{needs_prompt[0]} needs --prompt FILE")
+    overrides = _overrides(args.set)
+    policies = [_compile(path, overrides)[0] for path in args.files]
+    if args.prompt is not None:
+        from . import explain_prompt
+
+        explain_prompt.run(policies, args)
+        return EXIT_OK
     try:
-        sys.stdout.write(explain(policy, args.layers))
+        sys.stdout.write("\n".join(explain(policy, args.layers) for policy in policies))
     except ValueError as err:  # e.g. a by-layer table of another length
         raise UsageError(str(err)) from None
     return EXIT_OK

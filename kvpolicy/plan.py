@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import ir
 
-PHYSICAL_LAYOUTS = ("contiguous", "flatten_max", "flatten_sum")
+from .ops import PHYSICAL_LAYOUTS  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

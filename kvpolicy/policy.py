@@ -43,6 +43,14 @@ class Policy:
                 return next((t.span for t in st.tiers if t.name.name == name), st.span)
         return tree.name.span
 
+    def locate_op(self, op: str) -> Span:
+        """Where an operation is first written (a call `op(...)`), else the policy's name."""
+        from .walk import walk
+
+        tree = syntax.parse(self.source.text, self.source.filename)
+        found = next((n for n in walk(tree) if isinstance(n, ast.Call) and n.func == op), None)
+        return found.name_span if found is not None else tree.name.span
+
     def with_params(self, **params) -> "Policy":
         """The same source re-checked with other param values."""
         merged = dict(self.overrides) | params

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from . import ast, ir
-from .builtins import BUILTINS, Arg, Builtin, names_with_role
+from .ops import BUILTINS, Arg, Builtin, names_with_role
 from .diagnostics import Diagnostic, Span, did_you_mean
 
 MAX_MAGNITUDE = 1e12  # larger literals are surely a typo, and overflow int32 kernels

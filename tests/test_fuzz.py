@@ -35,7 +35,7 @@ from hypothesis.errors import InvalidArgument
 
 import kvpolicy
 from kvpolicy import cli, formatter, ir, library, syntax
-from kvpolicy.builtins import BUILTINS, UNITS
+from kvpolicy.ops import BUILTINS, UNITS
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 

@@ -18,35 +18,16 @@ import torch
 
 from kvpolicy import ir
 from kvpolicy.budgets import layer_counts
-from kvpolicy.diagnostics import Diagnostic, PolicyError
 from kvpolicy.errors import KvpolicyError
-from kvpolicy.plan import PHYSICAL_LAYOUTS, Plan, lower
+from kvpolicy.model_shape import ModelShape
+from kvpolicy.ops import PHYSICAL_LAYOUTS
+from kvpolicy.program import Program, lower
 from kvpolicy.runtime.window import QueryWindow
 
 from . import select as sel
 from .calibrate import Calibrator, FitResult, references_of
 from .evaluate import Evaluator, LayerInputs
 from .merge import merge_evicted
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    name: str = "the model"
-
-    @staticmethod
-    def from_config(config, name: str | None = None) -> "ModelShape":
-        heads = config.num_attention_heads
-        return ModelShape(
-            num_layers=config.num_hidden_layers,
-            num_q_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            name=name or getattr(config, "_name_or_path", None) or "the model",
-        )
 
 
 @dataclass
@@ -70,54 +51,14 @@ class LayerDecision:
 
 
 class TorchPolicy:
-    def __init__(self, policy, shape: ModelShape):
+    def __init__(self, policy, shape: ModelShape, program: Program | None = None):
         self.source = policy if hasattr(policy, "source") else None
         self.ir: ir.Policy = policy.ir if hasattr(policy, "ir") else policy
         self.shape = shape
-        self.plan: Plan = lower(self.ir)
-        self._check_shape()
+        self.program: Program = program or lower(policy, shape)  # lowering checks the policy against the shape
+        self.plan = self.program  # the name engines read
         self.calibrators = {c.name: Calibrator(self.ir, c) for c in self.ir.calibrations}
         self.calibration_files = self._load_calibration_files()
-
-    # ------------------------------------------------------------- load-time checks
-
-    def _check_shape(self) -> None:
-        s, problems = self.shape, []
-        if s.num_q_heads % s.num_kv_heads:
-            raise KvpolicyError(f"{s.name}: {s.num_q_heads} query heads do not group onto {s.num_kv_heads} kv heads")
-        for keep in self.ir.keeps:
-            for index in keep.layers or ():
-                if index >= s.num_layers:
-                    problems.append(("keep", keep.name, f"keep '{keep.name}' names layer {index}, but {s.name} has {s.num_layers} layers (0..{s.num_layers - 1})"))
-                    break
-            for index in keep.kv_heads or ():
-                if index >= s.num_kv_heads:
-                    problems.append(("keep", keep.name, f"keep '{keep.name}' names kv head {index}, but {s.name} has {s.num_kv_heads} kv heads (0..{s.num_kv_heads - 1})"))
-                    break
-            shape = keep.by_layer
-            if shape is not None and shape.kind == "table" and len(shape.weights) != s.num_layers:
-                problems.append(("keep", keep.name, f"keep '{keep.name}' has a by-layer table of {len(shape.weights)} weights, but {s.name} has {s.num_layers} layers"))
-        for index in self.ir.skip_layers:
-            if index >= s.num_layers:
-                problems.append(("skip", None, f"skip names layer {index}, but {s.name} has {s.num_layers} layers (0..{s.num_layers - 1})"))
-                break
-        # Stored tiers are held by the HF engine (backends/hf/stores.py). New
-        # tokens arrive at native precision (attention reads them in the same
-        # forward), and a flatten_sum layer has its own per-head storage.
-        flatten_sum = next((t.name for t in self.ir.cascade if t.layout == "flatten_sum"), None)
-        for tier in self.ir.cascade:
-            if tier.store != "native" and tier.source == "new":
-                problems.append(("tier", tier.name, f"tier {tier.name}: store {tier.store} is not supported on the tier that receives new tokens; store them in a later tier (KIVI keeps recent tokens at full precision)"))
-            elif tier.store != "native" and flatten_sum is not None:
-                problems.append(("tier", tier.name, f"tier {tier.name}: store {tier.store} cannot be combined with layout flatten_sum (tier {flatten_sum}) yet"))
-        if problems:
-            raise self._located(problems)
-
-    def _located(self, problems) -> KvpolicyError:
-        if self.source is None:
-            return KvpolicyError("; ".join(message for _, _, message in problems))
-        diagnostics = [Diagnostic(self.source.locate(kind, name), message) for kind, name, message in problems]
-        return PolicyError(diagnostics, self.source.source)
 
     # ------------------------------------------------------------- runtime
 
