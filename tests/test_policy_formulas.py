@@ -252,10 +252,11 @@ def top_k(scores, tokens, k: int, rel: float):
     return set(order[:k]), near_boundary(scores, order, k, rel * scale(scores, order))
 
 
-def top_p(scores, held: list[int], candidates: list[int], protected: set[int], p: float, limit: int | None, rel: float):
+def top_p(scores, held: list[int], candidates: list[int], protected: set[int], p: float, limit: int | None, rel: float,
+          floor: int | None = None):
     """select.py's top_p: candidates in descending score order while the kept
     mass (protected tokens included, normalised over all held tokens) is still
-    short of p; at most `limit` of them."""
+    short of p; at least `floor` of them (as many as there are), at most `limit`."""
     total = sum(max(scores[j], 0.0) for j in held)
     mass = {j: max(scores[j], 0.0) / total for j in held}
     kept = sum(mass[j] for j in protected)
@@ -268,6 +269,8 @@ def top_p(scores, held: list[int], candidates: list[int], protected: set[int], p
             break
         count += 1
         kept += mass[j]
+    if floor is not None and count < min(floor, len(order)):
+        count, excused = min(floor, len(order)), set()  # the floor decides, not the mass
     if limit is not None:
         count = min(count, limit)
     excused |= near_boundary(scores, order, count, rel * scale(scores, order))
@@ -840,6 +843,48 @@ def test_topp(case, data):
     p = data.draw(st.sampled_from([0.3, 0.5, 0.8, 0.9, 0.99]), label="p")
     decision, _ = backend_prefill(kvpolicy.load("topp", p=p, window=window), case)
     assert_kept(decision.kept, direct_topp(case, p, window, REL_TOL), f"topp(p={p}, window={window})")
+
+
+TOPP_FLOOR = """policy topp_floor "top-p with a per-head floor" {
+  param p: prob = 0.9
+  param window: tokens = 8
+  param limit: tokens = 40
+  param least: tokens = 4
+
+  observe queries last window
+  score z = attn_logits(group = max)
+  keep sink = first 1
+  keep recent = last window
+  keep nucleus = top_p(softmax(z), p, limit = limit, floor = least) per kv_head
+  layout flatten_sum
+  compress at prefill
+}
+"""
+
+
+@EXAMPLES
+@given(case=random_cases(), data=st.data())
+def test_top_p_floor(case, data):
+    """top_p(s, p, limit = L, floor = F): each head keeps the fewest candidates
+    reaching mass p, raised to F (or all candidates, if fewer), then capped
+    at L. Peaked heads (sharpness 4) are where the floor binds."""
+    window = data.draw(st.integers(1, case.T - 2), label="window")
+    p = data.draw(st.sampled_from([0.3, 0.5, 0.9]), label="p")
+    floor = data.draw(st.integers(0, case.T), label="floor")
+    limit = data.draw(st.integers(max(floor, 1), case.T + 5), label="limit")
+    policy = kvpolicy.compile_text(TOPP_FLOOR, "topp_floor.kvp", {"p": p, "window": window, "limit": limit, "least": floor})
+    decision, _ = backend_prefill(policy, case)
+    s = torch.softmax(group_max_logits(case, window), dim=-1).mean(dim=1)
+    held = list(range(case.T))
+    protected = {0} | set(range(case.T - window, case.T))
+    candidates = [j for j in held if j not in protected]
+    expected = []
+    for h in range(case.hkv):
+        want, excused = top_p(s[h].tolist(), held, candidates, protected, p, limit, REL_TOL, floor=floor or None)
+        expected.append((want | protected, excused))
+    assert_kept(decision.kept, expected, f"top_p(p={p}, limit={limit}, floor={floor}, window={window})")
+    counts = decision.kept.sum(dim=-1) - len(protected)
+    assert bool((counts >= min(floor, len(candidates), limit)).all())
 
 
 @EXAMPLES
