@@ -47,7 +47,8 @@ def selection_text(sel) -> str:
         return f"the {_tokens(sel.count)} with the highest {expr_text(sel.score)}"
     if isinstance(sel, ir.TopP):
         limit = f", at most {_tokens(sel.limit)}" if sel.limit is not None else ""
-        return f"the fewest tokens holding mass {fmt_number(sel.p)} of {expr_text(sel.score)}{limit}"
+        floor = f", at least {_tokens(sel.floor)}" if sel.floor is not None else ""
+        return f"the fewest tokens holding mass {fmt_number(sel.p)} of {expr_text(sel.score)}{limit}{floor}"
     if isinstance(sel, ir.Threshold):
         return f"every token with {expr_text(sel.score)} {sel.operator} {fmt_number(sel.value)}"
     assert isinstance(sel, ir.SelectUnion)

@@ -102,12 +102,15 @@ class TopK(Node):
 
 class TopP(Node):
     """Fewest highest-scoring tokens whose normalised score mass reaches p,
-    at most `limit` of them when a limit is given."""
+    at most `limit` of them when a limit is given, at least `floor` (of the
+    candidates there are) when a floor is given: Ada-KV's safeguard for a
+    head whose scores are peaked."""
 
     kind: Literal["top_p"] = "top_p"
     score: Expr
     p: float
     limit: int | None = None
+    floor: int | None = None
 
 
 class Threshold(Node):

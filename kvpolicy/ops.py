@@ -81,7 +81,7 @@ _TABLE = [
     Op("top_p_count", "count", (Arg("x", "tensor", nonneg=True), Arg("p", "number", "prob")), "per query row: how many largest entries reach mass p", result="nonneg", axes="counts"),
     # selections
     Op("top_k", "selection", (Arg("x", "tensor"), Arg("k", "number", "tokens")), "the k highest-scoring tokens"),
-    Op("top_p", "selection", (Arg("x", "tensor", nonneg=True), Arg("p", "number", "prob"), Arg("limit", "number", "tokens", default=-1)), "fewest highest-scoring tokens whose normalised mass reaches p (at most limit)", sized_by_scores=True),
+    Op("top_p", "selection", (Arg("x", "tensor", nonneg=True), Arg("p", "number", "prob"), Arg("limit", "number", "tokens", default=-1), Arg("floor", "number", "tokens", default=0)), "fewest highest-scoring tokens whose normalised mass reaches p (at most limit, at least floor)", sized_by_scores=True),
     Op("first", "selection", (Arg("n", "number", "tokens"),), "the n valid tokens with the smallest logical positions (protected)", frozenset({POSITIONS}), callable=False),
     Op("last", "selection", (Arg("n", "number", "tokens"),), "the n valid tokens with the largest logical positions (protected)", frozenset({POSITIONS}), callable=False),
     Op("threshold", "selection", (Arg("x", "tensor"), Arg("value", "number", "float")), "every token whose score passes `score OP value`", sized_by_scores=True, callable=False),

@@ -301,7 +301,8 @@ class _Lowering:
         if isinstance(s, ir.TopK):
             return Select("top_k", score, self.counts(s.count, by_layer))
         if isinstance(s, ir.TopP):
-            return Select("top_p", score, self.counts(s.limit, by_layer), {"p": s.p})
+            floor = {"floors": self.counts(s.floor, by_layer)} if s.floor is not None else {}
+            return Select("top_p", score, self.counts(s.limit, by_layer), {"p": s.p} | floor)
         return Select("threshold", score, None, {"operator": s.operator, "value": s.value})
 
     def merge(self, m: ir.Merge | None, tier: str | None) -> Merge | None:

@@ -375,7 +375,12 @@ class ExprChecker:
                 sel, most = ir.TopK(score=score.ir, count=values["k"]), values["k"]
             else:
                 limit = values["limit"] if values["limit"] != -1 else None
-                sel, most = ir.TopP(score=score.ir, p=values["p"], limit=limit), limit
+                floor = values["floor"] or None
+                if floor is not None and limit is not None and floor > limit:
+                    given = next(kw for kw in node.kwargs if kw.name == "floor") if any(kw.name == "floor" for kw in node.kwargs) else node
+                    return self.error(given.span, f"top_p's floor ({fmt_number(floor)}) is more than its limit ({fmt_number(limit)}): "
+                                                  "a head would have to keep more than it may")
+                sel, most = ir.TopP(score=score.ir, p=values["p"], limit=limit, floor=floor), limit
             return Typed("selection", sel, max_tokens=most, query_span=query_span, uses=uses)
         if role == "layer_shape":
             return Typed("layer_shape", ir.LayerShape(kind=builtin.name, **{k: float(v) for k, v in options.items()}))

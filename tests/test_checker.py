@@ -186,6 +186,16 @@ def test_unbounded_top_p_under_a_cap():
     assert_error_at(text, "cap budget", "has no upper bound; give top_p a limit")
 
 
+def test_top_p_floor_is_tokens_and_at_most_the_limit():
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "top_p(s, 0.9, limit = 10, floor = 20) per kv_head")
+    assert_error_at(text, "floor = 20", "top_p's floor (20) is more than its limit (10)")
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "top_p(s, 0.9, limit = 10, floor = 0.5) per kv_head")
+    errors_of(text)  # not a whole number of tokens
+    text = edited(SNAP, "top_k(s, budget - window) per kv_head", "top_p(s, 0.9, limit = budget - window, floor = window) per kv_head")
+    sel = kvpolicy.compile_text(text, "t.kvp").keeps[-1].select
+    assert (sel.limit, sel.floor) == (1024 - 32, 32)
+
+
 def test_top_p_with_a_limit_fits():
     text = edited(SNAP, "top_k(s, budget - window) per kv_head", "top_p(s, p, limit = budget - window) per kv_head")
     ir = kvpolicy.compile_text(text)

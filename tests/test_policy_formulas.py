@@ -252,10 +252,11 @@ def top_k(scores, tokens, k: int, rel: float):
     return set(order[:k]), near_boundary(scores, order, k, rel * scale(scores, order))
 
 
-def top_p(scores, held: list[int], candidates: list[int], protected: set[int], p: float, limit: int | None, rel: float):
+def top_p(scores, held: list[int], candidates: list[int], protected: set[int], p: float, limit: int | None, rel: float,
+          floor: int | None = None):
     """select.py's top_p: candidates in descending score order while the kept
     mass (protected tokens included, normalised over all held tokens) is still
-    short of p; at most `limit` of them."""
+    short of p; at least `floor` of them (as many as there are), at most `limit`."""
     total = sum(max(scores[j], 0.0) for j in held)
     mass = {j: max(scores[j], 0.0) / total for j in held}
     kept = sum(mass[j] for j in protected)
@@ -268,6 +269,8 @@ def top_p(scores, held: list[int], candidates: list[int], protected: set[int], p
             break
         count += 1
         kept += mass[j]
+    if floor is not None and count < min(floor, len(order)):
+        count, excused = min(floor, len(order)), set()  # the floor decides, not the mass
     if limit is not None:
         count = min(count, limit)
     excused |= near_boundary(scores, order, count, rel * scale(scores, order))
@@ -644,14 +647,15 @@ class DirectPositional:
         return out
 
 
-def decode_run(policy, case: Case, prompt: int, direct, rel: float, what: str) -> int:
+def decode_run(policy, case: Case, prompt: int, direct, rel: float, what: str, layer: int = 0, layers: int = 1) -> int:
     """Prefill `prompt` tokens, then decode the rest one token at a time (the
     case's queries and keys stand for the model's), compressing whenever the
     backend says so; the backend's `due` must agree with the method's schedule
     and every kept set with the direct one. After each check the direct side
     continues from the backend's kept set, so one excused near-tie cannot
-    cascade. Returns the number of compressions."""
-    engine = TorchPolicy(policy, case.shape())
+    cascade. Returns the number of compressions. `layer` of `layers`: the
+    layer the case stands for (by-layer shapes such as PyramidKV's)."""
+    engine = TorchPolicy(policy, case.shape(layers))
     run = engine.new_sequence()
     positions = torch.arange(case.T)
     key_pos = positions.expand(case.hkv, -1).clone()
@@ -662,22 +666,65 @@ def decode_run(policy, case: Case, prompt: int, direct, rel: float, what: str) -
     for phase, lo, hi in steps:
         qpos = positions[lo:hi]
         held[:, lo:hi] = True
-        engine.observe(run, 0, case.q[:, lo:hi], qpos)
+        engine.observe(run, layer, case.q[:, lo:hi], qpos)
         if states:
             states = engine.accumulate(attention(case, qpos, held).float(), states, held)
         direct.forward(qpos, held)
         if phase == "decode":
             run.decode_step += 1
         length = int(held.sum(dim=-1).max())
-        due = engine.due(run, 0, phase, length)
+        due = engine.due(run, layer, phase, length)
         assert due == direct.due(phase, length), f"{what}: due({phase}, step {run.decode_step}, length {length}) is {due}"
         if due:
             inputs = LayerInputs(keys=case.k, values=case.v, valid=held.clone(), key_pos=key_pos, states=dict(states))
-            decision = engine.compress_layer(run, 0, inputs)
+            decision = engine.compress_layer(run, layer, inputs)
             assert_kept(decision.kept, direct.keep(held, rel), f"{what}, {phase} at length {length}")
             held = decision.kept.clone()
             events += 1
     return events
+
+
+class DirectSnapKVDecode:
+    """SnapKV, PyramidKV and Ada-KV re-applied while decoding (the *_decode
+    policies). At each compression: the last `window` queries seen attend to
+    the held keys (causal); SnapKV's score (mean over those queries, mean-pool
+    kernel 5 along the slot axis, unheld slots 0, mean over the GQA group);
+    the last `window` held tokens kept; among the other held tokens, per kv
+    head the best `count` (SnapKV; PyramidKV: this layer's pyramid count), or
+    Ada-KV's layer-wide pool with its safeguard. Schedule: after the prefill,
+    then R-KV's (whenever the cache holds budget + buffer: snapkv_decode) or
+    every `every` decode steps (adakv_decode, pyramidkv_decode)."""
+
+    def __init__(self, case: Case, budget: int, window: int, *, buffer: int | None = None, every: int | None = None,
+                 count: int | None = None, floor_share: float | None = None):
+        self.case, self.budget, self.window = case, budget, window
+        self.buffer, self.every, self.floor_share = buffer, every, floor_share
+        self.count = budget - window if count is None else count
+        self.seen: list[int] = []
+        self.step = -1  # forward() runs once for the prefill, then once per decode step
+
+    def forward(self, qpos: torch.Tensor, held: torch.Tensor) -> None:
+        self.seen += qpos.tolist()
+        self.step += 1
+
+    def due(self, phase: str, held: int) -> bool:
+        if phase == "prefill":
+            return True
+        if self.every is not None:
+            return self.step % self.every == 0
+        return held >= self.budget + self.buffer
+
+    def keep(self, held: torch.Tensor, rel: float):
+        qpos = torch.tensor(self.seen[-self.window:])
+        s = per_kv(mean_pool(attention(self.case, qpos, held).mean(dim=1), 5), self.case).mean(dim=1)
+        tokens = [torch.nonzero(held[h]).flatten().tolist() for h in range(self.case.hkv)]
+        recent = [last_tokens(t, self.window) for t in tokens]
+        candidates = [[j for j in t if j not in r] for t, r in zip(tokens, recent)]
+        if self.floor_share is not None:
+            chosen = per_layer_top_k([s[h].tolist() for h in range(self.case.hkv)], candidates, self.count, self.floor_share, rel)
+        else:
+            chosen = [top_k(s[h].tolist(), candidates[h], self.count, rel) for h in range(self.case.hkv)]
+        return [(want | r, excused) for (want, excused), r in zip(chosen, recent)]
 
 
 # --------------------------------------------------------------------- random inputs
@@ -798,6 +845,48 @@ def test_topp(case, data):
     assert_kept(decision.kept, direct_topp(case, p, window, REL_TOL), f"topp(p={p}, window={window})")
 
 
+TOPP_FLOOR = """policy topp_floor "top-p with a per-head floor" {
+  param p: prob = 0.9
+  param window: tokens = 8
+  param limit: tokens = 40
+  param least: tokens = 4
+
+  observe queries last window
+  score z = attn_logits(group = max)
+  keep sink = first 1
+  keep recent = last window
+  keep nucleus = top_p(softmax(z), p, limit = limit, floor = least) per kv_head
+  layout flatten_sum
+  compress at prefill
+}
+"""
+
+
+@EXAMPLES
+@given(case=random_cases(), data=st.data())
+def test_top_p_floor(case, data):
+    """top_p(s, p, limit = L, floor = F): each head keeps the fewest candidates
+    reaching mass p, raised to F (or all candidates, if fewer), then capped
+    at L. Peaked heads (sharpness 4) are where the floor binds."""
+    window = data.draw(st.integers(1, case.T - 2), label="window")
+    p = data.draw(st.sampled_from([0.3, 0.5, 0.9]), label="p")
+    floor = data.draw(st.integers(0, case.T), label="floor")
+    limit = data.draw(st.integers(max(floor, 1), case.T + 5), label="limit")
+    policy = kvpolicy.compile_text(TOPP_FLOOR, "topp_floor.kvp", {"p": p, "window": window, "limit": limit, "least": floor})
+    decision, _ = backend_prefill(policy, case)
+    s = torch.softmax(group_max_logits(case, window), dim=-1).mean(dim=1)
+    held = list(range(case.T))
+    protected = {0} | set(range(case.T - window, case.T))
+    candidates = [j for j in held if j not in protected]
+    expected = []
+    for h in range(case.hkv):
+        want, excused = top_p(s[h].tolist(), held, candidates, protected, p, limit, REL_TOL, floor=floor or None)
+        expected.append((want | protected, excused))
+    assert_kept(decision.kept, expected, f"top_p(p={p}, limit={limit}, floor={floor}, window={window})")
+    counts = decision.kept.sum(dim=-1) - len(protected)
+    assert bool((counts >= min(floor, len(candidates), limit)).all())
+
+
 @EXAMPLES
 @given(case=random_cases(), data=st.data())
 def test_cam_selection_and_merge(case, data):
@@ -812,14 +901,58 @@ def test_cam_selection_and_merge(case, data):
     assert torch.equal(got[~decision.kept], case.v.double()[~decision.kept]), f"{what}: evicted slots were changed"
 
 
+@EXAMPLES
+@given(case=random_cases(max_len=70), data=st.data())
+def test_snapkv_decode_on_r_kv_schedule(case, data):
+    window = data.draw(st.integers(1, 8), label="window")
+    budget = data.draw(st.integers(window + 1, case.T // 2), label="budget")
+    buffer = data.draw(st.integers(1, 12), label="buffer")
+    prompt = data.draw(st.integers(max(1, case.T - 40), case.T - 1), label="prompt")
+    policy = kvpolicy.load("snapkv_decode", budget=budget, buffer=buffer, window=window)
+    direct = DirectSnapKVDecode(case, budget, window, buffer=buffer)
+    events = decode_run(policy, case, prompt, direct, REL_TOL, f"snapkv_decode(budget={budget}, buffer={buffer}, window={window})")
+    assert events >= 1
+
+
+@EXAMPLES
+@given(case=random_cases(max_len=70), data=st.data())
+def test_adakv_decode_every_buffer_steps(case, data):
+    window = data.draw(st.integers(1, 8), label="window")
+    budget = data.draw(st.integers(window + 1, case.T // 2), label="budget")
+    every = data.draw(st.integers(1, 12), label="buffer")
+    prompt = data.draw(st.integers(max(1, case.T - 40), case.T - 1), label="prompt")
+    floor_share = data.draw(st.sampled_from([0.2, 0.5]), label="floor")
+    policy = kvpolicy.load("adakv_decode", budget=budget, buffer=every, window=window, floor_share=floor_share)
+    direct = DirectSnapKVDecode(case, budget, window, every=every, floor_share=floor_share)
+    decode_run(policy, case, prompt, direct, REL_TOL, f"adakv_decode(budget={budget}, buffer={every}, window={window}, floor={floor_share})")
+
+
+@EXAMPLES
+@given(case=random_cases(max_len=70), data=st.data())
+def test_pyramidkv_decode_every_buffer_steps(case, data):
+    window = data.draw(st.integers(1, 8), label="window")
+    budget = data.draw(st.integers(window + 1, case.T // 2), label="budget")
+    every = data.draw(st.integers(1, 12), label="buffer")
+    prompt = data.draw(st.integers(max(1, case.T - 40), case.T - 1), label="prompt")
+    layers = data.draw(st.integers(2, 5), label="layers")
+    layer = data.draw(st.integers(0, layers - 1), label="layer")
+    count = pyramid_count(budget - window, 20.0, layers, layer)
+    policy = kvpolicy.load("pyramidkv_decode", budget=budget, buffer=every, window=window)
+    direct = DirectSnapKVDecode(case, budget, window, every=every, count=count)
+    decode_run(policy, case, prompt, direct, REL_TOL, f"pyramidkv_decode(budget={budget}, buffer={every}, window={window}) layer {layer}/{layers}",
+               layer=layer, layers=layers)
+
+
 def direct_sparse_tier(name: str):
-    """The direct formula of a HARD-KV flavour's first compression."""
-    if name == "hardkv":
+    """The direct formula of a HARD-KV flavour's first compression
+    (hardkv_decode, which rewrites each head at once, keeps what hardkv's
+    sparse tier keeps)."""
+    if name in ("hardkv", "hardkv_decode"):
         return direct_hardkv_sparse
     return lambda case, p, budget, window, temperature, rel: direct_hardkv_rkv_sparse(case, p, budget, window, 0.07, temperature, rel)
 
 
-@pytest.mark.parametrize("name", ["hardkv", "hardkv_rkv"])
+@pytest.mark.parametrize("name", ["hardkv", "hardkv_rkv", "hardkv_decode"])
 @EXAMPLES
 @given(case=random_cases(), data=st.data())
 def test_hardkv_sparse_tier(name, case, data):

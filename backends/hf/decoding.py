@@ -28,13 +28,16 @@ class Stats:
     kept: list[list[int]]  # [layer][kv_head] tokens held at the end
     kv_bytes: int  # bytes of K/V held at the end (holes included)
     kv_bytes_full: int  # bytes a full cache would hold for the same tokens
-    peak_kv_bytes: int  # most bytes held at any point after prefill compression
+    peak_kv_bytes: int  # most bytes held at any point after prefill compression (a decode step's token counts before its compression)
     prefill_seconds: float
     decode_seconds: float
     compress_seconds: float  # all compression, prefill included
     decode_compress_seconds: float  # compression during decoding (inside decode_seconds)
     compressions: int
     temperatures: dict = field(default_factory=dict)  # (name, layer) -> [Hkv] fitted values
+    mean_kv_bytes: float = 0.0  # bytes held, averaged over the decode steps (each after its compression)
+    mean_kv_bytes_full: float = 0.0  # what a full cache holds, averaged over the same steps
+    compression_steps: list = field(default_factory=list)  # decode steps at which some layer compressed
 
     @property
     def kv_fraction(self) -> float:
@@ -120,6 +123,22 @@ def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None,
     return Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
 
 
+@torch.inference_mode()
+def trace(model, prompt_ids: torch.Tensor, length: int, policy=None, prefilled=None, banned: tuple[int, ...] = ()) -> tuple[list[int], Scored]:
+    """Greedy decoding of exactly `length` tokens (never one of `banned`),
+    with the log-probabilities of each step: the model's own trace and its
+    teacher-forced scores in one pass (score() over the trace gives the same)."""
+    ban = torch.tensor(list(banned), dtype=torch.long)
+
+    def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
+        if ban.numel():
+            logits = logits.index_fill(0, ban, float("-inf"))
+        return int(logits.argmax()), step == length
+
+    tokens, logits, stats = _decode(model, prepare(model, policy), encode(None, prompt_ids, False), choose, True, prefilled)
+    return tokens, Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
+
+
 def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool, prefilled=None, block_size=None):
     """Prefill (or fork a shared one), compress, then one token at a time:
     `choose(step, logits)` gives (token, last?) for step 1, 2, ..."""
@@ -140,6 +159,7 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
     kept_logits: list[torch.Tensor] = []
     with attention.active(cache):
         peak = cache.kv_bytes()
+        held_sum, full_sum, compression_steps = 0, 0, []
         decode_start = time.perf_counter()
         compress_before = cache.compress_seconds
         step = 1
@@ -154,8 +174,14 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
             cache.run.decode_step = step
             out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
             last_logits = out.logits[0, -1]
+            peak = max(peak, cache.kv_bytes())  # the new token is held before any compression frees memory
+            events = cache.compressions
             cache.compress("decode")
-            peak = max(peak, cache.kv_bytes())
+            if cache.compressions > events:
+                compression_steps.append(step)
+            held = cache.kv_bytes()
+            peak = max(peak, held)  # flatten_max frees dropped slots only at the next append
+            held_sum, full_sum = held_sum + held, full_sum + cache.kv_bytes_full()
             step += 1
         cache.settle()  # a compaction deferred to the next append that never came
         decode_seconds = time.perf_counter() - decode_start
@@ -172,5 +198,8 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
         decode_compress_seconds=cache.compress_seconds - compress_before,
         compressions=cache.compressions,
         temperatures=dict(cache.run.temperatures),
+        mean_kv_bytes=held_sum / (step - 1) if step > 1 else float(cache.kv_bytes()),
+        mean_kv_bytes_full=full_sum / (step - 1) if step > 1 else float(cache.kv_bytes_full()),
+        compression_steps=compression_steps,
     )
     return tokens, kept_logits, stats

@@ -8,7 +8,7 @@ Rules (docs/language.md says the same):
 - top_k: the k best candidates; ties go to the earlier token.
 - top_p: candidates in descending score order until the kept mass (protected
   tokens included; mass normalised over all valid tokens) reaches p; at most
-  `limit` of them.
+  `limit` of them, at least `floor` (of the candidates there are).
 - threshold: every candidate whose score passes.
 - a union keeps what any part keeps.
 """
@@ -84,7 +84,8 @@ def _first_of(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.zeros(order.shape, dtype=torch.bool).scatter_(1, order, taken)
 
 
-def top_p(scores: torch.Tensor, candidates: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor, p: float, limit: int | None) -> torch.Tensor:
+def top_p(scores: torch.Tensor, candidates: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor, p: float, limit: int | None,
+          floor: int | None = None) -> torch.Tensor:
     mass = torch.where(valid & torch.isfinite(scores), scores, torch.zeros_like(scores)).clamp(min=0)
     mass = mass / mass.sum(dim=-1, keepdim=True).clamp(min=1e-30)
     kept_mass = (mass * protected).sum(dim=-1)
@@ -93,7 +94,10 @@ def top_p(scores: torch.Tensor, candidates: torch.Tensor, protected: torch.Tenso
     before = ordered.cumsum(dim=-1) - ordered  # mass kept before adding each candidate
     # A candidate is needed while the mass kept without it is still short of p.
     needed = (kept_mass[:, None] + before) < p - 1e-6
-    counts = torch.minimum(needed.sum(dim=-1), candidates.sum(dim=-1))
+    counts = needed.sum(dim=-1)
+    if floor is not None:
+        counts = counts.clamp(min=floor)  # Ada-KV's safeguard: a peaked head still keeps `floor`
+    counts = torch.minimum(counts, candidates.sum(dim=-1))
     if limit is not None:
         counts = counts.clamp(max=limit)
     return _first_of(order, counts)
@@ -138,7 +142,8 @@ def select(sel, evaluator: Evaluator, candidates: torch.Tensor, protected: torch
         return top_k(scores, candidates, count_for(sel.count))
     if isinstance(sel, ir.TopP):
         limit = count_for(sel.limit) if sel.limit is not None else None
-        return top_p(scores, candidates, protected, valid, sel.p, limit)
+        floor = count_for(sel.floor) if sel.floor is not None else None
+        return top_p(scores, candidates, protected, valid, sel.p, limit, floor)
     return threshold(scores, candidates, sel.operator, sel.value)
 
 

@@ -293,3 +293,81 @@ def plan_search(label: str, policy, fraction: float, context: int, measure_polic
 
 def _value(name: str, x: float):
     return int(x) if name == "budget" else round(x, 6)
+
+
+# ----------------------------------------------------------------- decode regime: peak bytes
+
+
+def prefill_only(policy) -> bool:
+    """A policy that compresses only right after the prefill: over a long
+    continuation it holds every generated token, so at equal peak memory it
+    is not comparable with policies that compress while decoding."""
+    triggers = policy.ir.triggers
+    return bool(triggers) and all(t.kind == "prefill" for t in triggers)
+
+
+def decode_slack(policy) -> int:
+    """Tokens a head may gain over `budget` between two decode compressions,
+    by the schedule: `when length >= L` -> L - budget; `every N steps` -> N
+    (a cascade that rewrites every c compressions: N x c). A first guess for
+    the search; the bytes are measured."""
+    budget = policy.params().get("budget", 0)
+    rewrite = max([t.every for t in policy.ir.cascade if t.layout in ("flatten_max", "flatten_sum")] or [1])
+    slack = 0
+    for t in policy.ir.triggers:
+        if t.kind == "when" and t.min_length is not None:
+            slack = max(slack, t.min_length - budget)
+        elif t.kind == "every":
+            slack = max(slack, t.every * rewrite)
+    return max(slack, 0)
+
+
+def plan_peak(label: str, policy, fraction: float, total: int, measure_policy) -> tuple[Setting, object]:
+    """Size a policy so that its PEAK KV bytes over the continuation are
+    `fraction` of what the full cache holds at the end (`total` tokens):
+    measure_policy(policy) -> that peak fraction, one run over the whole
+    continuation. The budget is searched first, from the schedule's first
+    guess (budget + slack = target); a policy that also has `p` (top-p
+    selection under a cap) whose bytes stop growing below the target with
+    the budget then gets `p` raised at that budget. A policy with `p` only
+    gets `p` searched."""
+    name = knob(policy)
+    if name is None:
+        raise SizingError(f"{label} has no size param (budget or p): it cannot be sized to a peak memory")
+    params = policy.ir.params
+    cache: dict[tuple, tuple] = {}
+
+    def build(**values):
+        key = tuple(sorted(values.items()))
+        if key not in cache:
+            cache[key] = sized(policy, values)
+        return cache[key]
+
+    target_tokens = fraction * total
+    steps: list[str] = []
+    fixed: dict = {}
+    if name == "budget":
+        slack = decode_slack(build(budget=max(1, round(target_tokens)))[0])
+        x0 = max(2, round(target_tokens - slack))
+        x, held, probes = search(lambda b: measure_policy(build(budget=_value("budget", b))[0]), fraction, x0, 2, total, True)
+        values = {"budget": _value("budget", x)}
+        steps.append(f"first guess budget={x0} (= {fraction:g} x {total} tokens - {slack} the schedule adds)")
+        if "p" in params and params["p"].unit == "prob" and held < fraction - tolerance(fraction):
+            fixed = dict(values)
+            known = {float(params["p"].value): held}
+            x, held, more = search(lambda p: measure_policy(build(**fixed, p=_value("p", p))[0]), fraction,
+                                   float(params["p"].value), P_RANGE[0], P_RANGE[1], False, known=known)
+            values = dict(fixed, p=_value("p", x))
+            steps.append(f"top-p keeps less than the cap at budget={fixed['budget']}: p raised")
+            probes = probes + [(f"p={a}", b) for a, b in more]
+    else:
+        x, held, probes = search(lambda p: measure_policy(build(p=_value("p", p))[0]), fraction,
+                                 float(params["p"].value), P_RANGE[0], P_RANGE[1], False)
+        values = {"p": _value("p", x)}
+    sized_policy, set_params, notes = build(**values)
+    verdict = "within tolerance" if abs(held - fraction) <= tolerance(fraction) else "closest reachable"
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    how = f"{shown} (searched: peak {held:.1%} over the continuation on the first sample, {verdict}, {len(probes)} probes)"
+    how = "; ".join([how] + steps + notes)
+    probes = [(a if isinstance(a, str) else round(a, 6), round(b, 5)) for a, b in probes]
+    return Setting(label, fraction, "search", set_params, how, held, probes), sized_policy

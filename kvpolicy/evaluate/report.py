@@ -40,6 +40,11 @@ def aggregate(data: dict) -> dict[str, list[dict]]:
                 "top1": _mean(r["top1"] for r in runs),
                 "ppl": _mean(r["ppl"] for r in runs),
                 "held": _mean(r["held"] for r in runs),
+                "peak": _mean(r.get("peak") for r in runs),
+                "mean": _mean(r.get("mean") for r in runs),
+                "compressions": _mean(len(r["compression_steps"]) for r in runs if "compression_steps" in r),
+                "segments": [_mean(seg[i]["kl"] for seg in (r["segments"] for r in runs))
+                             for i in range(min((len(r["segments"]) for r in runs), default=0))] if all("segments" in r for r in runs) else None,
             }
         )
     for rows in table.values():
@@ -63,8 +68,41 @@ def _kl(x):
     return f"{x:.4f}" if x >= 1e-3 else f"{x:.1e}"
 
 
+def decode_table_text(data: dict) -> str:
+    """The decode regime: peak and mean bytes over the continuation, quality
+    over it and KL per segment (the trace's first quarter, second, ...)."""
+    config = data["config"]
+    lines = []
+    for task, rows in aggregate(data).items():
+        if not rows:
+            continue
+        n = max(r["samples"] for r in rows)
+        lines.append(f"{task}: {n} sample{'s' if n != 1 else ''}, {config['prompt_tokens']}-token prompt (prose; reasoning: its problems), "
+                     f"{config['continuation']}-token continuation; memory = PEAK KV bytes over it vs the full cache at its end")
+        segs = max((len(r["segments"] or []) for r in rows), default=0)
+        header = (f"{'policy':<16} {'memory':>6} {'peak':>7} {'mean':>7} {'events':>6} {'KL':>8} {'top-1':>7} {'ppl':>8}  "
+                  + " ".join(f"{'KL q' + str(i + 1):>8}" for i in range(segs)))
+        lines.append(header.rstrip())
+        lines.append("-" * len(header.rstrip()))
+        for r in rows:
+            memory = "-" if r["memory"] is None else f"{100 * r['memory']:g}%"
+            seg = " ".join(f"{_kl(x):>8}" for x in (r["segments"] or []))
+            lines.append(f"{r['policy']:<16} {memory:>6} {_pct(r['peak']):>7} {_pct(r['mean']):>7} {_num(r['compressions'], '.0f'):>6} "
+                         f"{_kl(r['kl']):>8} {_pct(r['top1'], 0):>7} {_num(r['ppl'], '.2f'):>8}  {seg}".rstrip())
+        lines.append("")
+    settings = [s for s in data["settings"] if s["method"] != "reference"]
+    if settings:
+        lines.append("How each policy was sized (peak = most KV bytes held at any decode step, as a share of the full cache at the end; "
+                     "mean = bytes held averaged over the steps, vs the full cache's average; events = decode steps with a compression):")
+        for s in settings:
+            lines.append(f"  {s['policy']} @ {100 * s['memory']:g}% on {s.get('task')}: {s['how']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def table_text(data: dict) -> str:
     config = data["config"]
+    if config.get("regime") == "decode":
+        return decode_table_text(data)
     lines = []
     for task, rows in aggregate(data).items():
         if not rows:
@@ -103,6 +141,8 @@ def plot(data: dict, path: Path) -> None:
 
     table = {task: rows for task, rows in aggregate(data).items() if rows}
     config = data["config"]
+    decode = config.get("regime") == "decode"
+    x_key = "peak" if decode else "held"
     fig, axes = plt.subplots(len(table), 2, figsize=(12.5, 3.6 * len(table)), squeeze=False)
     policies = [p for p in config["policy_order"]]
     colors = {p: plt.get_cmap("tab10" if len(policies) <= 10 else "tab20")(i) for i, p in enumerate(policies)}
@@ -111,7 +151,7 @@ def plot(data: dict, path: Path) -> None:
         left_key, left_label = ("accuracy", "accuracy") if task in ANSWER_TASKS else ("top1", "top-1 agreement with full")
         ax_q, ax_kl = axes[row]
         for i, policy in enumerate(policies):
-            pts = sorted((r["held"], r[left_key], r["kl"]) for r in rows if r["policy"] == policy and r["held"] is not None)
+            pts = sorted((r[x_key], r[left_key], r["kl"]) for r in rows if r["policy"] == policy and r[x_key] is not None)
             if not pts:
                 continue
             x = [100 * p[0] for p in pts]
@@ -129,12 +169,14 @@ def plot(data: dict, path: Path) -> None:
         ax_kl.set_yscale("log")
         for ax in (ax_q, ax_kl):
             ax.set_xlim(0, 105)
-            ax.set_xlabel("KV bytes held (% of full cache)")
+            ax.set_xlabel("peak KV bytes over the continuation (% of full cache)" if decode else "KV bytes held (% of full cache)")
             ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", frameon=False)
     env = data.get("environment", {})
-    fig.text(0.43, 0.005, f"{env.get('model', '')}, {config['prompt_tokens']}-token prompts, seed {config['seed']}, {env.get('date', '')[:10]}", ha="center", fontsize=8)
+    shape = f"decode regime, {config['continuation']}-token continuations" if decode else f"{config['prompt_tokens']}-token prompts"
+    versions = ", ".join(f"{k} {env[k]}" for k in ("kvpolicy", "torch", "transformers") if env.get(k))
+    fig.text(0.43, 0.005, f"{env.get('model', '')}, {shape}, seed {config['seed']}, {env.get('date', '')[:10]}; {versions}", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 0.86, 1))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent if str(path.parent) else ".")
     os.close(fd)

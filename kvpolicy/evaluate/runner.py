@@ -24,7 +24,9 @@ from pathlib import Path
 import kvpolicy
 from kvpolicy.diagnostics import did_you_mean
 from kvpolicy.errors import KvpolicyError
+from kvpolicy.library import shipped_names
 
+from . import decode_tasks
 from . import memory as mem
 from . import report
 from . import tasks as task_mod
@@ -56,6 +58,8 @@ class Config:
     prompt_tokens: int = 0
     threads: int | None = None
     quiet: bool = False
+    regime: str = "prefill"  # prefill: compress the prompt, short answer; decode: compress while generating (decode.py)
+    continuation: int = 0  # decode regime: tokens after the prompt
 
     def identity(self) -> dict:
         """What makes two runs the same experiment (everything but --samples)."""
@@ -69,7 +73,7 @@ class Config:
             "text_tokens": self.text_tokens,
             "policies": {label: pol.hash for label, pol in self.policies.items()},
             "policy_order": list(self.policies),
-        }
+        } | ({"regime": "decode", "continuation": self.continuation} if self.regime == "decode" else {})
 
 
 # ----------------------------------------------------------------- validation
@@ -100,12 +104,31 @@ def parse_memories(text: str) -> list[float]:
     return sorted(values)
 
 
-def parse_tasks(text: str) -> list[str]:
+def parse_tasks(text: str, regime: str = "prefill") -> list[str]:
     names = _split(text, "task")
+    known, other = (decode_tasks.TASKS, task_mod.TASKS) if regime == "decode" else (task_mod.TASKS, decode_tasks.TASKS)
     for name in names:
-        if name not in task_mod.TASKS:
-            raise EvalError(f"unknown task {name!r}{did_you_mean(name, task_mod.TASKS)} (tasks: {', '.join(task_mod.TASKS)})")
+        if name in other:
+            raise EvalError(f"task {name!r} belongs to the {'prefill' if regime == 'decode' else 'decode'} regime "
+                            f"(--regime {regime} tasks: {', '.join(known)})")
+        if name not in known:
+            raise EvalError(f"unknown task {name!r}{did_you_mean(name, known)} (tasks: {', '.join(known)})")
     return names
+
+
+def check_decode_policies(policies: dict) -> None:
+    """The decode regime compares at equal peak memory over the generation:
+    a policy that compresses only at prefill holds every generated token."""
+    for label, pol in policies.items():
+        if label == "full":
+            continue
+        if mem.prefill_only(pol):
+            form = f"{pol.name}_decode"
+            hint = f"; its decode-time form is {form}" if form in shipped_names() else ""
+            raise EvalError(f"{label} compresses only at prefill: in the decode regime it holds every generated token, "
+                            f"so it is not comparable at equal peak memory{hint}")
+        if mem.classify(pol) in ("unsized", "reference"):
+            raise EvalError(f"{label} has no size param (budget or p): it cannot be sized to a peak memory")
 
 
 def load_policies(text: str) -> dict:
@@ -124,15 +147,18 @@ def load_policies(text: str) -> dict:
 
 def validate(policy: str, task: str, context: int, memory: str, samples: int, seed: int, text_tokens: int,
              json_path: str, png_path: str | None = None, resume: bool = False, argv: list[str] | None = None,
-             threads: int | None = None) -> Config:
+             threads: int | None = None, regime: str = "prefill", continuation: int = 1024) -> Config:
     """Every check that needs no model: names, ranges, output paths, and
     that each fixed-size policy compiles at each memory fraction."""
-    tasks = parse_tasks(task)
+    tasks = parse_tasks(task, regime)
     memories = parse_memories(memory)
+    if regime == "decode" and not 64 <= continuation <= 4096:
+        raise EvalError("--continuation must be between 64 and 4096 tokens")
     if context > MAX_CONTEXT:
         raise EvalError(f"--context {context} is longer than {MODEL} supports ({MAX_CONTEXT} tokens)")
-    if context < task_mod.MIN_CONTEXT:
-        raise EvalError(f"--context {context} is too short: at least {task_mod.MIN_CONTEXT} tokens")
+    least = decode_tasks.MIN_CONTEXT if regime == "decode" else task_mod.MIN_CONTEXT
+    if context < least:
+        raise EvalError(f"--context {context} is too short: at least {least} tokens")
     if samples < 1:
         raise EvalError("--samples must be at least 1")
     if seed < 0:
@@ -141,10 +167,12 @@ def validate(policy: str, task: str, context: int, memory: str, samples: int, se
         raise EvalError("--text-tokens must be between 1 and 1024")
     if threads is not None and not 1 <= threads <= 256:
         raise EvalError("--threads must be between 1 and 256")
-    reserve = max(text_tokens if "text" in tasks else 0, 24)
+    reserve = continuation if regime == "decode" else max(text_tokens if "text" in tasks else 0, 24)
     prompt_tokens = min(context, MAX_CONTEXT - reserve)
     policies = load_policies(policy)
-    for label, pol in policies.items():
+    if regime == "decode":
+        check_decode_policies(policies)
+    for label, pol in policies.items() if regime == "prefill" else ():  # the decode regime searches every size
         method = mem.classify(pol)
         for fraction in memories:
             if method == "search":
@@ -161,7 +189,8 @@ def validate(policy: str, task: str, context: int, memory: str, samples: int, se
         check_writable(png_out, "--png")
         if png_out.resolve() == json_out.resolve():
             raise EvalError("--png and --json name the same file")
-    config = Config(policies, tasks, context, memories, samples, seed, text_tokens, json_out, png_out, resume, argv, prompt_tokens, threads)
+    config = Config(policies, tasks, context, memories, samples, seed, text_tokens, json_out, png_out, resume, argv, prompt_tokens, threads,
+                    regime=regime, continuation=continuation if regime == "decode" else 0)
     if resume and json_out.exists():
         Store.resume(json_out, config.identity(), command_line(argv), samples)  # a mismatch fails here
     return config
@@ -273,7 +302,12 @@ def run(config: Config) -> int:
     if store.samples and config.resume:
         print(f"kvpolicy eval: resuming {config.json_path}: {len(store.samples)} samples done, {len(work)} to run", file=sys.stderr)
     if work:
-        _run_samples(config, store, work)
+        if config.regime == "decode":
+            from . import decode
+
+            decode.run_samples(config, store, work)
+        else:
+            _run_samples(config, store, work)
     finished = all((t, i) in store.done() for t in config.tasks for i in range(config.samples))
     store.save(complete=finished)
     sys.stdout.write(report.table_text(store.data))
