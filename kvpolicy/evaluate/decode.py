@@ -25,6 +25,7 @@ from . import memory as mem
 from . import metrics as m
 from .progress import Progress
 from .results import environment
+from .runner import sample_header
 
 SEGMENTS = 4  # the continuation is reported in this many equal parts
 
@@ -106,21 +107,9 @@ class DecodeEvaluator:
 
 
 def header(sample) -> dict:
-    return {
-        "id": sample.id,
-        "task": sample.task,
-        "index": sample.index,
-        "seed": sample.seed,
-        "fingerprint": sample.fingerprint,
-        "prompt_tokens": len(sample.prompt_ids),
-        "continuation_tokens": len(sample.answer_ids),
-        "answer": None,
-        "depth": None,
-        "requested_depth": None,
-        "question": sample.question,
-        "details": sample.details,
-        "continuation_ids": list(sample.answer_ids) if sample.task == "reasoning" else None,
-    }
+    """The prefill regime's sample header (answer and depths are None here), plus the trace itself."""
+    trace = list(sample.answer_ids) if sample.task == "reasoning" else None
+    return sample_header(sample) | {"continuation_ids": trace}
 
 
 def run_samples(config, store, work: list[tuple[str, int]]) -> None:

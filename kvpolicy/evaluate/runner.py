@@ -274,7 +274,7 @@ class Evaluator:
         return record, lp
 
 
-def _sample_header(sample) -> dict:
+def sample_header(sample) -> dict:
     return {
         "id": sample.id,
         "task": sample.task,
@@ -385,7 +385,7 @@ def _run_samples(config: Config, store: Store, work: list[tuple[str, int]]) -> N
                 sample = task_mod.make(task, tok, config.prompt_tokens, config.seed, index, config.text_tokens)
             except ValueError as err:
                 raise EvalError(f"cannot generate {task}#{index}: {err}") from None
-            record = _sample_header(sample)
+            record = sample_header(sample)
             progress.step(f"{sample.id} full")
             prefilled = evaluator.prefill(sample, window, states)
             full_run, reference = evaluator.run(sample, config.policies["full"], prefilled=prefilled)
