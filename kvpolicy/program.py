@@ -329,9 +329,10 @@ def lower(policy, shape: ModelShape) -> Program:
         steps.append(Accumulate(tuple(updates)))
     if p.compresses:
         steps.append(Score(tuple(lo.score(name) for name in p.scores)))
-        for cal in p.calibrations:
-            steps.append(Calibrate(cal.name, cal.scope, lo.expr(cal.target), lo.expr(cal.metric), float(cal.target.options["p"]),
-                                   cal.solver, cal.init, cal.clamp, cal.fit))
+    for cal in p.calibrations:  # also without a trigger: `kvpolicy calibrate` fits them
+        steps.append(Calibrate(cal.name, cal.scope, lo.expr(cal.target), lo.expr(cal.metric), float(cal.target.options["p"]),
+                               cal.solver, cal.init, cal.clamp, cal.fit))
+    if p.compresses:
         for keep in p.keeps:
             steps.append(Keep(keep.name, lo.select(keep.select, keep.by_layer), keep.per, keep.floor, keep.layers, keep.kv_heads))
         if p.cascade:
