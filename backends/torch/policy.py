@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpolicy import ir
+from kvpolicy.diagnostics import Diagnostic, PolicyError
 from kvpolicy.errors import KvpolicyError
 from kvpolicy.model_shape import ModelShape
 from kvpolicy.program import Accumulate, Calibrate, Keep, Merge, Program, Tier, lower
@@ -64,7 +65,10 @@ class TorchPolicy:
         self.states = accumulate[0].states if accumulate else ()
         for state in self.states:  # refused now, not in the middle of a forward pass
             if self.program.nodes[state.update].op != "attn":
-                raise KvpolicyError(f"state {state.name}: the torch backend accumulates only attn(...) states")
+                message = f"state {state.name}: the torch backend accumulates only attn(...) states yet"
+                if self.source is None:
+                    raise KvpolicyError(message)
+                raise PolicyError([Diagnostic(self.source.locate("state", state.name), message)], self.source.source)
         self.calibration_files = self._load_calibration_files()
 
     # ------------------------------------------------------------- runtime
