@@ -181,7 +181,7 @@ def test_user_names_are_validated_before_code():
 
 
 def test_an_operation_without_emitter_is_a_positioned_error(monkeypatch):
-    monkeypatch.delitem(lowering.EMITTERS, "signal:redundancy")
+    monkeypatch.delitem(lowering.EMITTERS, "redundancy")
     with pytest.raises(PolicyError) as err:
         build(kvpolicy.load("rkv"))
     text = err.value.render()

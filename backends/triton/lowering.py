@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from kvpolicy import ir
 from kvpolicy.errors import KvpolicyError
+from kvpolicy.program import op_of
 
 
 class Unsupported(KvpolicyError):
@@ -209,40 +210,31 @@ def _emit_elementwise(low: Lowering, e) -> Buffer:  # marker: handled by Lowerin
     raise AssertionError
 
 
+# Keyed by kvpolicy.ops.OPS names (program.op_of); "score" is a reference to a
+# named score, which the lowering materialises once.
 EMITTERS = {
-    "ref:score": _emit_score_ref,
-    "signal:attn": _emit_window,
-    "signal:attn_logits": _emit_window,
-    "signal:key_norm": _emit_norm,
-    "signal:value_norm": _emit_norm,
-    "signal:key_sim": _emit_key_sim,
-    "signal:redundancy": _emit_redundancy,
-    "apply:softmax": _emit_fused("softmax"),
-    "apply:normalize": _emit_fused("normalize"),
-    "apply:pool": _emit_fused("pool"),
-    "apply:head_mean": _emit_fused("head_mean"),
-    "apply:top_p_count": _emit_fused("top_p_count"),
-    "apply:log": _emit_elementwise,
-    "apply:exp": _emit_elementwise,
-    "arith": _emit_elementwise,
-    "neg": _emit_elementwise,
-    "const": _emit_elementwise,
-    "ref:state": _emit_elementwise,
-    "ref:calibration": _emit_elementwise,
+    "score": _emit_score_ref,
+    "attn": _emit_window,
+    "attn_logits": _emit_window,
+    "key_norm": _emit_norm,
+    "value_norm": _emit_norm,
+    "key_sim": _emit_key_sim,
+    "redundancy": _emit_redundancy,
+    "softmax": _emit_fused("softmax"),
+    "normalize": _emit_fused("normalize"),
+    "pool": _emit_fused("pool"),
+    "head_mean": _emit_fused("head_mean"),
+    "top_p_count": _emit_fused("top_p_count"),
+    **dict.fromkeys(("log", "exp", "add", "sub", "mul", "div", "neg", "const", "state", "calibration"), _emit_elementwise),
 }
 
 
 # ----------------------------------------------------------------- helpers
 
 
-def _operation(e) -> str:
-    if isinstance(e, ir.Signal):
-        return f"signal:{e.name}"
-    if isinstance(e, ir.Apply):
-        return f"apply:{e.fn}"
-    if isinstance(e, ir.Ref):
-        return f"ref:{e.kind}"
-    return e.op
+def _operation(e) -> str | None:
+    """The operation an IR expression is (a key of EMITTERS)."""
+    return op_of(e) or ("score" if isinstance(e, ir.Ref) else None)
 
 
 def _is_elementwise(e) -> bool:
