@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpolicy import ir
+from kvpolicy.program import selection_leaves
 
 from . import attention
 from .cache import PolicyCache
@@ -62,20 +63,9 @@ class Held:
 
 def protected_spans(policy: ir.Policy) -> tuple[int, int]:
     """(first n, last n) that the policy's positional keeps protect."""
-    first = last = 0
-
-    def visit(select) -> None:
-        nonlocal first, last
-        if isinstance(select, ir.First):
-            first = max(first, select.count)
-        elif isinstance(select, ir.Last):
-            last = max(last, select.count)
-        elif isinstance(select, ir.SelectUnion):
-            for part in select.parts:
-                visit(part)
-
-    for keep in policy.keeps:
-        visit(keep.select)
+    leaves = [leaf for keep in policy.keeps for leaf in selection_leaves(keep.select)]
+    first = max((leaf.count for leaf in leaves if isinstance(leaf, ir.First)), default=0)
+    last = max((leaf.count for leaf in leaves if isinstance(leaf, ir.Last)), default=0)
     return first, last
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpolicy import ir
+from kvpolicy.program import selection_leaves
 from kvpolicy.errors import KvpolicyError
 
 from . import templates
@@ -85,9 +86,7 @@ def policy_expressions(policy: ir.Policy) -> list[tuple[str, str, object]]:
 
 
 def _scored_parts(sel) -> list:
-    if isinstance(sel, ir.SelectUnion):
-        return [p for part in sel.parts for p in _scored_parts(part)]
-    return [sel] if isinstance(sel, (ir.TopK, ir.TopP, ir.Threshold)) else []
+    return [leaf for leaf in selection_leaves(sel) if isinstance(leaf, (ir.TopK, ir.TopP, ir.Threshold))]
 
 
 def lower_policy(policy: ir.Policy) -> Lowering:
