@@ -265,6 +265,12 @@ class _Checker:
         if typed.kind != "tensor":
             self.error(st.update.span, f"a state accumulates a per-token value; this is {describe(typed)}")
             return ERROR
+        if not (isinstance(typed.ir, ir.Signal) and typed.ir.name == "attn"):
+            # What the checker accepts, a backend runs: states are accumulated
+            # from the attention rows the engine already computes.
+            self.error(st.update.span, "a state accumulates attention as queries arrive: its update is attn(...) "
+                                       "(e.g. state acc += attn(group = sum)); other per-token updates are not supported yet")
+            return ERROR
         # States see every query as it is decoded, so they need no observe window.
         self.definition_irs[st.name.name] = typed.ir
         return Typed("tensor", ir.Ref(name=st.name.name, kind="state"), nonneg=typed.nonneg, uses=typed.uses | {st.name.name})

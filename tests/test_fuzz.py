@@ -260,8 +260,8 @@ def count_value(e: E) -> int:
 # ----------------------------------------------------------------- per-token scores
 
 
-def signal(draw, ctx: Ctx, queries_ok: bool) -> E:
-    names = ["key_norm", "value_norm", "key_sim", "redundancy"] + (["attn", "attn_logits"] if queries_ok else [])
+def signal(draw, ctx: Ctx, queries_ok: bool, names: list[str] | None = None) -> E:
+    names = names or ["key_norm", "value_norm", "key_sim", "redundancy"] + (["attn", "attn_logits"] if queries_ok else [])
     name = draw(st.sampled_from(names))
     b = BUILTINS[name]
     args = []
@@ -588,7 +588,7 @@ def valid_policy(draw) -> tuple[list[list[str]], list[str]]:
         statements.append(["observe", "queries", "last", *number(draw, ctx, "tokens", low=1, fallback=32).toks])
     for _ in range(draw(st.integers(0, 2))):  # states see every query, observed or not
         state_name = ctx.fresh(draw)
-        update = tensor(draw, ctx, queries_ok=True)
+        update = signal(draw, ctx, queries_ok=True, names=["attn"])  # what a state may accumulate
         decay = ["decay", *number(draw, ctx, "prob").toks] if draw(st.booleans()) else []
         statements.append(["state", state_name, "+=", *update.toks, *decay])
         ctx.tensors.append(E((state_name,), kind="tensor", nonneg=update.nonneg, uses=update.uses))

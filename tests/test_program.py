@@ -113,9 +113,11 @@ def test_shape_errors_come_from_lowering():
         lower(pol, SHAPE)
 
 
-def test_a_state_the_torch_backend_cannot_accumulate_is_refused_at_compile_time(tmp_path):
+def test_a_state_no_backend_can_accumulate_is_a_checker_error(tmp_path):
+    """What the checker accepts, a backend runs: a state update other than
+    attn(...) is refused where it is written, before any backend sees it."""
     path = tmp_path / "p.kvp"
     path.write_text("policy p {\n  state acc += key_norm()\n  keep heavy = top_k(acc, 16)\n  compress at prefill\n}\n")
     with pytest.raises(kvpolicy.PolicyError) as err:
-        compile(kvpolicy.load(str(path)), SHAPE, backend="torch")
-    assert str(err.value).startswith(f"{path}:2:3: error: state acc: the torch backend accumulates only attn(...) states yet")
+        kvpolicy.load(str(path))
+    assert str(err.value).startswith(f"{path}:2:16: error: a state accumulates attention as queries arrive")

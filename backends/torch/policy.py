@@ -18,8 +18,6 @@ from typing import Callable
 import torch
 
 from kvpolicy import ir
-from kvpolicy.diagnostics import Diagnostic, PolicyError
-from kvpolicy.errors import KvpolicyError
 from kvpolicy.model_shape import ModelShape
 from kvpolicy.program import Accumulate, Calibrate, Keep, Merge, Program, Tier, lower
 from kvpolicy.runtime.window import QueryWindow
@@ -82,12 +80,6 @@ class TorchPolicy:
         self.merge = next((m for m in self.program.of(Merge) if m.tier is None), None)
         accumulate = self.program.of(Accumulate)
         self.states = accumulate[0].states if accumulate else ()
-        for state in self.states:  # refused now, not in the middle of a forward pass
-            if self.program.nodes[state.update].op != "attn":
-                message = f"state {state.name}: the torch backend accumulates only attn(...) states yet"
-                if self.source is None:
-                    raise KvpolicyError(message)
-                raise PolicyError([Diagnostic(self.source.locate("state", state.name), message)], self.source.source)
         self.calibration_files = self._load_calibration_files()
 
     # ------------------------------------------------------------- runtime
