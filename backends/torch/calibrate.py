@@ -163,8 +163,8 @@ class Calibrator:
             return row_mass(evaluator.tensor(self.cal.metric))
 
         lo, hi = self.cal.clamp
-        solve = self._bisect if self.cal.solver.kind == "bisect" else self._adam
-        temperature, steps = solve(mass_at, heads, lo, hi)
+        solvers = {"bisect": self._bisect, "adam": self._adam}  # the solver operations of ops.OPS
+        temperature, steps = solvers[self.cal.solver.kind](mass_at, heads, lo, hi)
         with torch.no_grad():
             mass = mass_at(temperature)
         error = self._mean_error(mass)
