@@ -34,6 +34,7 @@ class RequestState:
     region_tiers: torch.Tensor | None = None  # the same slots' cascade tiers (cascade policies; later slots are tier 0)
     prefilled: bool = False
     selected: list[int] = field(default_factory=list)  # per layer: the largest per-head selection at the last event
+    selected_mean: list[float] = field(default_factory=list)  # per layer: the mean per-head selection (what a per-head cache would hold)
     events: int = 0
 
     def physical(self, logical: int, block_size: int) -> int:
@@ -100,11 +101,12 @@ class Compressor:
         key_pos = self._positions(state, logical)  # [layers, Hkv, physical]
         tiers = self._tiers(state, key_pos) if engine.ir.cascade else None
         valid = torch.ones(key_pos.shape[1:], dtype=torch.bool)
-        kept, selected = [], []
+        kept, selected, selected_mean = [], [], []
         for layer, cache in enumerate(caches):
             if not due[layer]:
                 kept.append(valid)
                 selected.append(physical)
+                selected_mean.append(float(physical))
                 continue
             keys, values = self.layout.read(cache, slot_block, slot_offset)
             inputs = LayerInputs(keys=keys.float(), values=values.float(), valid=valid, key_pos=key_pos[layer],
@@ -115,8 +117,10 @@ class Compressor:
             kept.append(decision.kept)
             if tiers is not None and decision.tiers is not None:
                 tiers[layer] = decision.tiers
-            selected.append(int(decision.kept.sum(dim=1).max()))
-        state.selected, state.events = selected, state.events + 1
+            per_head = decision.kept.sum(dim=1)
+            selected.append(int(per_head.max()))
+            selected_mean.append(round(float(per_head.float().mean()), 2))
+        state.selected, state.selected_mean, state.events = selected, selected_mean, state.events + 1
         kept, new_physical = blocks.apply(kept, list(key_pos), [valid] * len(caches), logical, physical, bs)
         if new_physical == physical:
             if tiers is not None:  # nothing moves, but tokens changed tier: the whole region is now described

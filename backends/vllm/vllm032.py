@@ -224,16 +224,17 @@ class KVPolicyMeta(KVConnectorMetadata):
 
 @dataclasses.dataclass
 class KVPolicyReport(KVConnectorWorkerMetadata):
-    """Worker -> scheduler, each step: req_id -> (dropped blocks, selected per layer)."""
+    """Worker -> scheduler, each step: req_id -> (dropped blocks, per layer
+    the largest and the mean per-head selection)."""
 
-    dropped: dict[str, tuple[int, list[int]]]
+    dropped: dict[str, tuple[int, list[int], list[float]]]
 
     def aggregate(self, other):
-        for req_id, (blocks, selected) in other.dropped.items():
+        for req_id, entry in other.dropped.items():
             mine = self.dropped.get(req_id)
-            if mine is not None and mine[0] != blocks:
-                raise KvpolicyError(f"kvpolicy: workers disagree on request {req_id}'s dropped blocks ({mine[0]} vs {blocks})")
-            self.dropped[req_id] = (blocks, selected)
+            if mine is not None and mine[0] != entry[0]:
+                raise KvpolicyError(f"kvpolicy: workers disagree on request {req_id}'s dropped blocks ({mine[0]} vs {entry[0]})")
+            self.dropped[req_id] = entry
         return self
 
 
@@ -250,7 +251,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.requests = {}  # req_id -> Request
             self.dropped = {}  # req_id -> blocks freed so far
-            self.selected = {}  # req_id -> per-layer selection at the last event
+            self.selected = {}  # req_id -> (largest, mean) per-head selection per layer at the last event
         else:
             check_versions()
             self.engine = TorchPolicy(self.settings.policy, _shape(vllm_config))
@@ -261,7 +262,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
             self.caches: list[torch.Tensor] = []
             self.compressor = None
             self.rows: list[StepRow] = []
-            self.report: dict[str, tuple[int, list[int]]] = {}
+            self.report: dict[str, tuple[int, list[int], list[float]]] = {}
             self.vllm_config = vllm_config
             self.on_event = None  # optional callable(req_id, phase, region positions [layers, Hkv, n]): tests read kept sets
 
@@ -360,7 +361,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
                 continue
             dropped = self.compressor.compress(row, self.caches, phase)
             if dropped is not None:
-                self.report[row.state.req_id] = (dropped, list(row.state.selected))
+                self.report[row.state.req_id] = (dropped, list(row.state.selected), list(row.state.selected_mean))
                 if self.on_event is not None:
                     self.on_event(row.state.req_id, phase, row.state.region_pos.clone())
 
@@ -415,7 +416,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
             return
         manager = self._kv_cache_manager.coordinator.single_type_managers[0]
         pool = manager.block_pool
-        for req_id, (dropped, selected) in report.dropped.items():
+        for req_id, (dropped, selected, selected_mean) in report.dropped.items():
             blocks = manager.req_to_blocks.get(req_id)
             request = self.requests.get(req_id)
             if not blocks or request is None or request.num_computed_tokens == 0:
@@ -428,13 +429,13 @@ class KVPolicyConnector(KVConnectorBase_V1):
                     blocks[index] = pool.null_block
             pool.free_blocks(freed)
             self.dropped[req_id] = max(start, dropped)
-            self.selected[req_id] = selected
+            self.selected[req_id] = (selected, selected_mean)
 
     def request_finished(self, request, block_ids):
         req_id = request.request_id
         self.requests.pop(req_id, None)
         dropped = self.dropped.pop(req_id, 0)
-        selected = self.selected.pop(req_id, None)
+        selected, selected_mean = self.selected.pop(req_id, (None, None))
         logical = request.num_computed_tokens
         held = sum(1 for block in block_ids if block != 0)
         stats = {
@@ -444,7 +445,8 @@ class KVPolicyConnector(KVConnectorBase_V1):
             "block_size": self.block_size,
             "logical_length": logical,
             "physical_length": max(0, logical - dropped * self.block_size),
-            "selected_per_layer": selected,
+            "selected_per_layer": selected,  # per layer, the fullest head's selection at the last event
+            "selected_mean_per_layer": selected_mean,  # per layer, the mean over heads (what per-head tables would hold)
         }
         return False, {"kvpolicy": stats}
 
@@ -461,6 +463,46 @@ def block_pool_of(llm):
     return _scheduler_of(llm).kv_cache_manager.block_pool
 
 
-def running_count_of(llm):
+def _blocks_of(scheduler):
+    return scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
+
+
+def held_of(llm) -> dict[str, dict]:
+    """Per running request (by the engine core's id: the caller's id, maybe
+    with a suffix vLLM adds), as the scheduler sees it now: blocks held (null
+    blocks excluded), logical length, blocks dropped, and the per-layer
+    largest / mean per-head selection at its last event."""
     scheduler = _scheduler_of(llm)
-    return lambda: len(scheduler.running)
+    blocks = _blocks_of(scheduler)
+    connector = scheduler.connector if isinstance(scheduler.connector, KVPolicyConnector) else None
+    out = {}
+    for request in scheduler.running:
+        req_id = request.request_id
+        chosen = connector.selected.get(req_id) if connector is not None else None
+        out[req_id] = {
+            "blocks_held": sum(1 for block in blocks.get(req_id, ()) if not block.is_null),
+            "logical_length": request.num_computed_tokens,
+            "blocks_dropped": connector.dropped.get(req_id, 0) if connector is not None else 0,
+            "selected_per_layer": chosen[0] if chosen else None,
+            "selected_mean_per_layer": chosen[1] if chosen else None,
+        }
+    return out
+
+
+def scheduler_state(llm) -> dict:
+    """Running and waiting counts, free blocks, blocks the running requests
+    hold, and the blocks the first waiting request's prompt needs (the
+    scheduler admits it only when its whole prompt fits:
+    scheduler_reserve_full_isl)."""
+    scheduler = _scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    blocks = _blocks_of(scheduler)
+    size = scheduler.cache_config.block_size
+    waiting = next(iter(scheduler.waiting), None)
+    return {
+        "running": len(scheduler.running),
+        "waiting": len(scheduler.waiting),
+        "free_blocks": pool.get_num_free_blocks(),
+        "running_blocks": [sum(1 for block in blocks.get(r.request_id, ()) if not block.is_null) for r in scheduler.running],
+        "next_prompt_blocks": -(-waiting.num_tokens // size) if waiting is not None else None,
+    }
