@@ -3,6 +3,7 @@ engine per process (vLLM keeps per-process state), so callers run
 
     python -m kvpolicy.backends.vllm.measure '{"policy": "snapkv", "params": {...},
         "prompts": [[ids], ...], "max_tokens": 64, "engine": {...}, "phases": [8, 4, 1], "phase_steps": 128}'
+    python -m kvpolicy.backends.vllm.measure @spec.json
 
 which prints `PROGRESS ...` lines while it runs and one `RESULT {...}` line
 at the end.
@@ -170,8 +171,10 @@ def in_subprocess(spec: dict, timeout: int = 3600, progress=None) -> dict:
     for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("VLLM_TARGET_DEVICE", "cpu"),
                        ("VLLM_CPU_KVCACHE_SPACE", "2"), ("VLLM_CPU_OMP_THREADS_BIND", "nobind"), ("OMP_NUM_THREADS", "1")):
         env.setdefault(key, value)
-    with tempfile.TemporaryFile("w+") as log:
-        child = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(spec)], stdout=subprocess.PIPE, stderr=log,
+    with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
+        json.dump(spec, spec_file)  # long prompts exceed the limit on one argument's length
+        spec_file.flush()
+        child = subprocess.Popen([sys.executable, "-m", __name__, "@" + spec_file.name], stdout=subprocess.PIPE, stderr=log,
                                  text=True, env=env)
         result = None
         deadline = time.time() + timeout
@@ -195,5 +198,13 @@ def in_subprocess(spec: dict, timeout: int = 3600, progress=None) -> dict:
         return result
 
 
+def _spec(argument: str) -> dict:
+    """The spec from the command line: JSON, or @FILE holding it."""
+    if argument.startswith("@"):
+        with open(argument[1:], encoding="utf-8") as handle:
+            return json.load(handle)
+    return json.loads(argument)
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(run(json.loads(sys.argv[1]))), flush=True)
+    print("RESULT " + json.dumps(run(_spec(sys.argv[1]))), flush=True)
