@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpolicy.backends.torch import LayerInputs, TorchPolicy
+from kvpolicy.backends.torch import LayerInputs
 from kvpolicy.runtime import blocks
 
 from .paged_cpu import PageLayout
@@ -53,26 +53,33 @@ class StepRow:
 
 
 class Compressor:
-    """Runs a compiled policy on requests whose KV lives in paged caches."""
+    """Runs a compiled policy on requests whose KV lives in paged caches.
 
-    def __init__(self, engine: TorchPolicy, block_size: int, layout: PageLayout):
+    `engine` is what kvpolicy.backends.compile returns (any backend): used
+    through new_sequence / observe / due / compress_layer, and its lowered
+    `program` for what the policy observes and when it compresses."""
+
+    def __init__(self, engine, block_size: int, layout: PageLayout):
         self.engine = engine
+        self.program = engine.program
         self.block_size = block_size
         self.layout = layout
-        self.decode_observes = any(t.kind != "prefill" for t in engine.ir.triggers)
+        self.decode_observes = any(t.kind != "prefill" for t in self.program.policy.triggers)
+        self.cascade = bool(self.program.policy.cascade)
+        self.shape = self.program.shape
 
     def new_state(self, req_id: str, prompt_len: int, prefill_end: int) -> RequestState:
         return RequestState(req_id, prompt_len, prefill_end, self.engine.new_sequence())
 
     def wants_queries(self, row: StepRow) -> bool:
         """Whether this step's queries of the row go into the observed window."""
-        if not self.engine.plan.observe_window:
+        if not self.program.observe_window:
             return False
         return not row.state.prefilled or self.decode_observes
 
     def observe(self, row: StepRow, layer: int, query: torch.Tensor) -> None:
         """query [tokens, Hq, D] of the whole batch (post-RoPE)."""
-        window = self.engine.plan.observe_window
+        window = self.program.observe_window
         lo = max(row.query_start, row.query_end - window)
         positions = torch.arange(row.logical - (row.query_end - lo), row.logical)
         self.engine.observe(row.state.run, layer, query[lo:row.query_end].transpose(0, 1).float(), positions)
@@ -99,7 +106,7 @@ class Compressor:
             return None
         slot_block, slot_offset = self._slots(row.block_ids, state.dropped * bs, logical)
         key_pos = self._positions(state, logical)  # [layers, Hkv, physical]
-        tiers = self._tiers(state, key_pos) if engine.ir.cascade else None
+        tiers = self._tiers(state, key_pos) if self.cascade else None
         valid = torch.ones(key_pos.shape[1:], dtype=torch.bool)
         kept, selected, selected_mean = [], [], []
         for layer, cache in enumerate(caches):
@@ -156,7 +163,7 @@ class Compressor:
 
     def _positions(self, state: RequestState, logical: int) -> torch.Tensor:
         """[layers, Hkv, physical] logical position held in each physical slot."""
-        layers, heads = self.engine.shape.num_layers, self.engine.shape.num_kv_heads
+        layers, heads = self.shape.num_layers, self.shape.num_kv_heads
         tail = torch.arange(state.compacted_at if state.region_pos is not None else state.dropped * self.block_size, logical)
         tail = tail.expand(layers, heads, -1)
         if state.region_pos is None:
