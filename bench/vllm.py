@@ -64,7 +64,7 @@ def plan(args) -> list[tuple[str, dict]]:
 
     def speed(context):
         decoded = len(batches) * args.decode
-        length = context + decoded + 2
+        length = context + decoded + 8 * batches[0]  # + the tokens early requests decode while later ones prefill
         engine = {"block_size": bs, "max_model_len": _blocks(length, bs) * bs, "max_num_seqs": batches[0],
                   "num_gpu_blocks_override": batches[0] * _blocks(length, bs) + 1}
         for name in args.policies:

@@ -53,10 +53,13 @@ def run(spec: dict) -> dict:
     engine = llm.llm_engine
     pool = vllm032.block_pool_of(llm)
     usable = pool.num_gpu_blocks - 1  # one block is vLLM's null block
-    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=spec.get("ignore_eos", True))
     prompts = spec["prompts"]
     start = time.perf_counter()
     for index, ids in enumerate(prompts):
+        max_tokens = spec["max_tokens"]
+        if spec.get("phases"):  # requests prefilled first decode while the later ones prefill: give them the room the engine has
+            max_tokens = max(max_tokens, kwargs["max_model_len"] - len(ids))
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=spec.get("ignore_eos", True))
         engine.add_request(str(index), {"prompt_token_ids": ids}, params)
     if spec.get("phases"):
         result = _phases(llm, spec["phases"], spec["phase_steps"], len(prompts))
