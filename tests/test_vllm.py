@@ -27,8 +27,8 @@ SNAPKV = {"budget": 64, "window": 16}
 BLOCK = 32
 
 
-def run_engine(spec: dict, multiprocess: bool = False, timeout: int = 600) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+def run_engine(spec: dict, multiprocess: bool = False, timeout: int = 600, env: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", **(env or {}))
     done = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec)], capture_output=True, text=True, env=env, timeout=timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -218,13 +218,29 @@ def test_a_refused_policy_names_the_ones_that_run():
 
 def test_the_backend_key_chooses_the_compiled_engine(snapkv_run):
     """backend="triton" builds the policy through kvpolicy.backends.compile
-    on the Triton backend (its interpreter on CPU): the same kept sets and
-    tokens as the torch backend, the oracle."""
+    on the Triton backend (its interpreter on CPU, chosen before vLLM
+    imports triton): the same kept sets and tokens as the torch backend, the
+    oracle."""
     ours = run_engine({"policy": "snapkv", "params": SNAPKV, "backend": "triton", "engine": SNAPKV_ENGINE, "texts": TEXTS[:1],
-                       "max_tokens": MAX_TOKENS})
+                       "max_tokens": MAX_TOKENS}, env={"TRITON_INTERPRET": "1"})
     assert ours["engine_class"] == "TritonPolicy" and snapkv_run["engine_class"] == "TorchPolicy"
     assert ours["tokens"][0] == snapkv_run["tokens"][0]
     assert ours["events"][0][0]["positions"] == snapkv_run["events"][0][0]["positions"]
+
+
+def test_triton_backend_without_its_interpreter_refuses_to_start():
+    """On CPU, TRITON_INTERPRET=1 must be set before vLLM imports triton."""
+    from kvpolicy import models
+
+    script = ("import vllm\nfrom vllm.engine.arg_utils import EngineArgs\nimport kvpolicy.backends.vllm.plugin as p\np.register()\n"
+              f"EngineArgs(model={str(models.path('smollm2-135m'))!r}, dtype='float32', enforce_eager=True, max_model_len=512, "
+              "additional_config={'kvpolicy': {'policy': 'snapkv', 'backend': 'triton'}}).create_engine_config()\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: kvpolicy: backend 'triton' without CUDA runs in Triton's interpreter, which must be chosen before vLLM imports triton: "
+        "start the engine with TRITON_INTERPRET=1 in the environment (or use backend 'torch')")
 
 
 def test_policy_that_fails_to_check_gives_its_position(tmp_path):

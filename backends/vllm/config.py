@@ -72,7 +72,28 @@ def parse(additional_config) -> Settings | None:
 def compile_for(settings: Settings, shape):
     """The policy compiled once for the model's shape, through the public
     backend entry point (positioned errors if it does not fit the model)."""
-    return compile_policy(settings.policy, shape, backend=settings.backend)
+    engine = compile_policy(settings.policy, shape, backend=settings.backend)
+    if type(engine).__name__ == "TritonPolicy":
+        _check_triton_runs_here()
+    return engine
+
+
+def _check_triton_runs_here() -> None:
+    """Without CUDA the Triton backend runs in Triton's interpreter, which
+    triton reads when it is imported, and vLLM imports triton before any
+    plugin: unless TRITON_INTERPRET=1 was in the environment from the start,
+    triton's own helpers are compiled for a GPU and every kernel fails."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() or "triton" not in sys.modules:
+        return
+    import triton.language.standard as standard
+
+    if type(standard.sum).__name__ != "InterpretedFunction":
+        raise KvpolicyError("kvpolicy: backend 'triton' without CUDA runs in Triton's interpreter, which must be chosen before "
+                            "vLLM imports triton: start the engine with TRITON_INTERPRET=1 in the environment (or use backend 'torch')")
 
 
 def runnable() -> list[str]:
