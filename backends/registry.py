@@ -26,6 +26,9 @@ class Backend:
     build: Callable[[object, Program], object]  # (policy as given, its program) -> engine-facing object
     priority: int = 0  # "auto" picks the highest available one that lowers every op
     available: Callable[[], bool] = lambda: True
+    # evaluate(program, inputs, node) -> [Hkv, Q|1, T] tensor: one expression node
+    # on one layer (a LayerInputs); what the conformance suite checks per operation.
+    evaluate: Callable | None = None
 
     def missing(self, program: Program) -> list[str]:
         return [op for op in program.ops() if op not in self.ops]

@@ -21,7 +21,7 @@ import torch
 import kvpolicy
 from kvpolicy import ir
 from kvpolicy.backends.hf import generate
-from kvpolicy.plan import lower
+from kvpolicy.program import sized_by_scores, storage_layout
 from kvpolicy.texts import english_text
 
 DEFAULT = "snapkv,pyramidkv,adakv,tova,knorm,streaming_llm,h2o,rkv,topp,hardkv"
@@ -52,12 +52,12 @@ def main() -> None:
         res = generate(model, tok, ids, policy=base.with_params(**params), max_new_tokens=args.new, stop_at_eos=False)
         s = res.stats
         full = full or s
-        if lower(base.ir).storage_layout == "flatten_sum":
+        if storage_layout(base.ir) == "flatten_sum":
             most = max(math.ceil(sum(layer) / len(layer)) for layer in s.kept)
         else:
             most = max(max(layer) for layer in s.kept)
         over = most - (budget + s.new_tokens - 1)
-        over_text = "-" if name == "full" or _sized_by_top_p(base.ir) else f"{over:+d} {'ok' if over <= BLOCK else 'OVER'}"
+        over_text = "-" if name == "full" or sized_by_scores(base.ir) else f"{over:+d} {'ok' if over <= BLOCK else 'OVER'}"
         share = s.decode_compress_seconds / s.decode_seconds if s.decode_seconds else 0.0
         print(
             f"{name:<14} {s.kv_bytes / 2**20:>7.1f} {s.kv_fraction:>8.1%} {most:>9} {over_text:>12} "
@@ -65,12 +65,6 @@ def main() -> None:
             flush=True,
         )
     print("\n'-': top-p policies (topp, hardkv, hardkv_rkv) size each head by its attention, not by the budget.")
-
-
-def _sized_by_top_p(policy) -> bool:
-    """Whether some keep or cascade tier selects by top-p (a head's count then follows its scores)."""
-    selections = [keep.select for keep in policy.keeps] + [tier.select for tier in policy.cascade]
-    return any(isinstance(sel, ir.TopP) for sel in selections)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,14 @@ def layer_weights(shape: ir.LayerShape | None, num_layers: int) -> list[float]:
 def layer_counts(count: int, shape: ir.LayerShape | None, num_layers: int) -> list[int]:
     """Per-layer counts: count x weight, halves rounded up."""
     return [math.floor(count * w + Fraction(1, 2)) for w in _exact_weights(shape, num_layers)]
+
+
+def layer_peak(shape: ir.LayerShape) -> float:
+    """Largest per-layer count as a multiple of the written (mean) count."""
+    if shape.kind == "pyramid":
+        return 2 - 1 / shape.beta
+    if shape.kind == "linear":
+        return max(shape.start, shape.end) / ((shape.start + shape.end) / 2)
+    if shape.kind == "table":
+        return max(shape.weights) / (sum(shape.weights) / len(shape.weights))
+    return 1.0

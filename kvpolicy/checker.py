@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from . import ast, ir
 from .ops import BUILTINS, GRANULARITIES, LAYOUTS, MERGE_TARGETS, POLICY_LAYOUTS, RESTRICTABLE, SCOPES, STORES, UNITS
 from .diagnostics import Diagnostic, PolicyError, Source, Span, did_you_mean
+from .budgets import layer_peak
+from .program import selection_leaves
 from .syntax import keywords
 from .typecheck import ERROR, MAX_MAGNITUDE, ExprChecker, Typed, describe, fmt_number
 
@@ -624,7 +626,7 @@ class _Checker:
                 hint = "give top_p a limit (top_p(s, p, limit = N))" if _has_top_p(typed.ir) else "use top_k, or top_p with a limit"
                 self.error(span, f"{what} {cap} can be exceeded: {_selection_words(typed)} has no upper bound; {hint}")
                 return
-            factor = _layer_peak(by_layer[i]) if by_layer and by_layer[i] is not None else 1.0
+            factor = layer_peak(by_layer[i]) if by_layer and by_layer[i] is not None else 1.0
             most = typed.max_tokens * factor
             total += most
             parts.append(f"{_selection_words(typed)} {fmt_number(most)}")
@@ -640,15 +642,11 @@ class _Checker:
 
 
 def _positional_only(selection) -> bool:
-    if isinstance(selection, ir.SelectUnion):
-        return all(_positional_only(part) for part in selection.parts)
-    return isinstance(selection, (ir.First, ir.Last))
+    return all(isinstance(leaf, (ir.First, ir.Last)) for leaf in selection_leaves(selection))
 
 
 def _has_top_p(selection) -> bool:
-    if isinstance(selection, ir.SelectUnion):
-        return any(_has_top_p(part) for part in selection.parts)
-    return isinstance(selection, ir.TopP)
+    return any(isinstance(leaf, ir.TopP) for leaf in selection_leaves(selection))
 
 
 def _whole_if_needed(value, unit: str) -> bool:
@@ -657,17 +655,6 @@ def _whole_if_needed(value, unit: str) -> bool:
 
 def _whole_words(unit: str) -> str:
     return "a whole number" if unit == "int" else f"a whole number of {unit}"
-
-
-def _layer_peak(shape: ir.LayerShape) -> float:
-    """Largest per-layer count as a multiple of the written (mean) count."""
-    if shape.kind == "pyramid":
-        return 2 - 1 / shape.beta
-    if shape.kind == "linear":
-        return max(shape.start, shape.end) / ((shape.start + shape.end) / 2)
-    if shape.kind == "table":
-        return max(shape.weights) / (sum(shape.weights) / len(shape.weights))
-    return 1.0
 
 
 def _selection_words(typed: Typed) -> str:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from . import ir
 from .budgets import layer_counts
+from .ops import PRECEDENCE
 from .typecheck import fmt_number
 
 
-PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-NEGATE_PRECEDENCE = 3
+NEGATE_PRECEDENCE = PRECEDENCE["neg"]
 
 
 def expr_text(e, outer: int = 0) -> str:

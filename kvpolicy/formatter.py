@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import ast
+from .ops import PRECEDENCE
 
 INDENT = "  "
 WIDTH = 88  # tiers longer than this wrap after a comma
 
 # Binding strength, loosest first; a child binding looser than its slot needs parentheses.
-_PREC = {"|": 1, "positional": 2, ">": 3, ">=": 3, "<": 3, "<=": 3, "+": 4, "-": 4, "*": 5, "/": 5, "neg": 6, "atom": 7}
+_PREC = PRECEDENCE
 
 
 def expr(node: ast.Expr) -> str:

@@ -52,6 +52,7 @@ class Op:
     axes: str = "inputs"
     sized_by_scores: bool = False  # selection: how many it keeps depends on the scores
     callable: bool = True  # written as name(...); False: syntax (arithmetic, first n, score > tau)
+    mixes_heads: bool = False  # a head's value depends on the other kv heads of the layer
 
     @property
     def needs_queries(self) -> bool:
@@ -76,7 +77,7 @@ _TABLE = [
     Op("log", "transform", (Arg("x", "tensor", nonneg=True),), "natural logarithm (of a non-negative score)", result="real"),
     Op("exp", "transform", (Arg("x", "tensor"),), "exponential", result="nonneg"),
     Op("pool", "transform", (Arg("op", "enum", choices=("max", "mean")), Arg("kernel", "number", "int", low=1, high=4095, odd=True), Arg("x", "tensor")), "1-D pooling along tokens, stride 1, centred window", result="same"),
-    Op("head_mean", "transform", (Arg("x", "tensor"),), "mean over the kv heads of a layer: every head gets the same score", result="same"),
+    Op("head_mean", "transform", (Arg("x", "tensor"),), "mean over the kv heads of a layer: every head gets the same score", result="same", mixes_heads=True),
     # counts (calibration targets)
     Op("top_p_count", "count", (Arg("x", "tensor", nonneg=True), Arg("p", "number", "prob")), "per query row: how many largest entries reach mass p", result="nonneg", axes="counts"),
     # selections
@@ -108,6 +109,9 @@ OPS: dict[str, Op] = {op.name: op for op in _TABLE}
 BUILTINS: dict[str, Op] = {name: op for name, op in OPS.items() if op.callable}
 ARITH_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 Builtin = Op  # the checker's name for a callable operation
+
+# How tightly each written form binds (formatter and explain): higher binds tighter.
+PRECEDENCE = {"|": 1, "positional": 2, ">": 3, ">=": 3, "<": 3, "<=": 3, "+": 4, "-": 4, "*": 5, "/": 5, "neg": 6, "atom": 7}
 
 UNITS = ("tokens", "steps", "prob", "int", "float")
 LAYOUTS = ("contiguous", "mask", "flatten_max", "flatten_sum")

@@ -30,12 +30,14 @@ class Policy:
 
     def locate(self, kind: str, name: str | None) -> Span:
         """Where a statement is in the source (for errors found after checking,
-        e.g. against a model's shape): kind is keep | skip | calibrate | tier."""
+        e.g. against a model's shape): kind is keep | skip | calibrate | tier | state."""
         tree = syntax.parse(self.source.text, self.source.filename)
         for st in tree.statements:
             if kind == "keep" and isinstance(st, ast.Keep) and st.name.name == name:
                 return st.span
             if kind == "skip" and isinstance(st, ast.Skip):
+                return st.span
+            if kind == "state" and isinstance(st, ast.State) and st.name.name == name:
                 return st.span
             if kind == "calibrate" and isinstance(st, ast.Calibrate) and st.name.name == name:
                 return st.span

@@ -22,6 +22,7 @@ from .diagnostics import Diagnostic, PolicyError
 from .errors import KvpolicyError
 from .model_shape import ModelShape
 from .ops import ARITH_OPS, OPS, PHYSICAL_LAYOUTS
+from .walk import walk
 
 # ------------------------------------------------------------------ nodes
 
@@ -180,10 +181,7 @@ class Program:
         """How an engine stores each layer's kept tokens after compaction:
         flatten_sum when the policy (or, in a cascade, any tier) asks for it,
         else flatten_max (every kv head padded to the layer's fullest)."""
-        tiers = self.of(Tier)
-        if tiers:
-            return "flatten_sum" if any(t.layout == "flatten_sum" for t in tiers) else "flatten_max"
-        return self.policy.layout
+        return storage_layout(self.policy)
 
     def of(self, kind) -> tuple:
         """The steps of one kind, in order."""
@@ -224,6 +222,53 @@ class Program:
         for step in self.steps:
             lines.append(f"  {type(step).__name__.lower()} {step}")
         return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ facts that need no model shape
+
+
+def storage_layout(policy: ir.Policy) -> str:
+    """flatten_sum when the policy (or, in a cascade, any tier) asks for it, else flatten_max."""
+    if policy.cascade:
+        return "flatten_sum" if any(t.layout == "flatten_sum" for t in policy.cascade) else "flatten_max"
+    return policy.layout
+
+
+_SELECTIONS = (ir.First, ir.Last, ir.TopK, ir.TopP, ir.Threshold)
+
+
+def selections(policy: ir.Policy) -> list:
+    """Every leaf selection of the policy's keeps and tiers (unions opened)."""
+    return [node for node in walk(policy) if isinstance(node, _SELECTIONS)]
+
+
+def op_of(node) -> str | None:
+    """The operation (a key of ops.OPS) an IR node is, or None for a non-expression node."""
+    if isinstance(node, ir.Signal):
+        return node.name
+    if isinstance(node, ir.Apply):
+        return node.fn
+    if isinstance(node, ir.Arith):
+        return ARITH_OPS[node.operator]
+    if isinstance(node, ir.Negate):
+        return "neg"
+    if isinstance(node, ir.Const):
+        return "const"
+    if isinstance(node, ir.Ref):
+        return None if node.kind == "score" else node.kind
+    if isinstance(node, _SELECTIONS + (ir.SelectUnion,)):
+        return node.kind
+    return None
+
+
+def selection_leaves(selection) -> list:
+    """The leaf selections of one selection (a union opened, recursively)."""
+    return [node for node in walk(selection) if isinstance(node, _SELECTIONS)]
+
+
+def sized_by_scores(policy: ir.Policy) -> bool:
+    """Whether some selection keeps a number of tokens that follows the scores (top_p, threshold)."""
+    return any(OPS[s.kind].sized_by_scores for s in selections(policy))
 
 
 # ------------------------------------------------------------------ lowering
@@ -330,9 +375,10 @@ def lower(policy, shape: ModelShape) -> Program:
         steps.append(Accumulate(tuple(updates)))
     if p.compresses:
         steps.append(Score(tuple(lo.score(name) for name in p.scores)))
-        for cal in p.calibrations:
-            steps.append(Calibrate(cal.name, cal.scope, lo.expr(cal.target), lo.expr(cal.metric), float(cal.target.options["p"]),
-                                   cal.solver, cal.init, cal.clamp, cal.fit))
+    for cal in p.calibrations:  # also without a trigger: `kvpolicy calibrate` fits them
+        steps.append(Calibrate(cal.name, cal.scope, lo.expr(cal.target), lo.expr(cal.metric), float(cal.target.options["p"]),
+                               cal.solver, cal.init, cal.clamp, cal.fit))
+    if p.compresses:
         for keep in p.keeps:
             steps.append(Keep(keep.name, lo.select(keep.select, keep.by_layer), keep.per, keep.floor, keep.layers, keep.kv_heads))
         if p.cascade:

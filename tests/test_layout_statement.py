@@ -4,7 +4,7 @@ import pytest
 import kvpolicy
 from kvpolicy import explain, formatter, syntax
 from kvpolicy.ir import Policy
-from kvpolicy.plan import lower
+from kvpolicy.program import storage_layout
 from kvpolicy.policy import compile_text
 
 BASE = 'policy p {{\n  observe queries last 8\n  score s = attn()\n  keep recent = last 8\n  keep selected = top_k(s, 24) per layer floor 0.2\n{extra}  compress at prefill\n}}\n'
@@ -24,7 +24,7 @@ def test_default_is_flatten_max_and_flatten_sum_is_kept():
     assert compile_text(source()).layout == "flatten_max"
     policy = compile_text(source("  layout flatten_sum\n"))
     assert policy.layout == "flatten_sum"
-    assert lower(policy).storage_layout == "flatten_sum"
+    assert storage_layout(policy) == "flatten_sum"
     assert Policy.model_validate_json(policy.model_dump_json()) == policy
     assert policy.content_hash != compile_text(source()).content_hash  # the layout is behaviour
 
@@ -42,8 +42,8 @@ def test_cascade_takes_its_layout_from_its_tiers():
     text = kvpolicy.policy.read_source("hardkv")[0]
     messages = errors_of(text.replace("  compress", "  layout flatten_sum\n  compress"))
     assert any(m.startswith("with a cascade, each tier gives its own layout") for m in messages)
-    tiers = {layout: lower(compile_text(text.replace("layout flatten_sum,", f"layout {layout},").replace("layout flatten_max,", f"layout {layout},"))) for layout in ("flatten_max", "flatten_sum")}
-    assert {layout: plan.storage_layout for layout, plan in tiers.items()} == {"flatten_max": "flatten_max", "flatten_sum": "flatten_sum"}
+    tiers = {layout: storage_layout(compile_text(text.replace("layout flatten_sum,", f"layout {layout},").replace("layout flatten_max,", f"layout {layout},"))) for layout in ("flatten_max", "flatten_sum")}
+    assert tiers == {"flatten_max": "flatten_max", "flatten_sum": "flatten_sum"}
 
 
 def test_format_and_explain():

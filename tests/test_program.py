@@ -111,3 +111,11 @@ def test_shape_errors_come_from_lowering():
     }""")
     with pytest.raises(KvpolicyError, match="names layer 4"):
         lower(pol, SHAPE)
+
+
+def test_a_state_the_torch_backend_cannot_accumulate_is_refused_at_compile_time(tmp_path):
+    path = tmp_path / "p.kvp"
+    path.write_text("policy p {\n  state acc += key_norm()\n  keep heavy = top_k(acc, 16)\n  compress at prefill\n}\n")
+    with pytest.raises(kvpolicy.PolicyError) as err:
+        compile(kvpolicy.load(str(path)), SHAPE, backend="torch")
+    assert str(err.value).startswith(f"{path}:2:3: error: state acc: the torch backend accumulates only attn(...) states yet")

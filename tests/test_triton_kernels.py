@@ -21,6 +21,7 @@ from kvpolicy.backends.hf import quantized
 from kvpolicy.backends.torch import merge as torch_merge
 from kvpolicy.backends.torch import select as torch_select
 from kvpolicy.backends.triton import launch, render
+from kvpolicy.program import Select
 
 FEW = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -94,8 +95,8 @@ def test_first_and_last_equal_torch(mod, data, n, first):
     scores, valid, _, _ = data
     h, t = valid.shape
     key_pos = torch.stack([torch.randperm(t, generator=torch.Generator().manual_seed(i)) for i in range(h)])  # slots out of logical order
-    sel = kvpolicy.ir.First(count=n) if first else kvpolicy.ir.Last(count=n)
-    assert torch.equal(launch.positional(mod, first, n, valid, key_pos), torch_select.positional(sel, valid, key_pos))
+    sel = Select("first" if first else "last", counts=(n,))  # one layer
+    assert torch.equal(launch.positional(mod, first, n, valid, key_pos), torch_select.positional(sel, valid, key_pos, 0))
 
 
 @FEW

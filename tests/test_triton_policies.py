@@ -21,9 +21,10 @@ from kvpolicy import library
 from kvpolicy.backends.torch import LayerInputs, ModelShape, TorchPolicy
 from kvpolicy.backends.torch.evaluate import Evaluator
 from kvpolicy.backends.triton import launch, lowering, render
-from kvpolicy.backends.triton.engine import TritonPolicy, build
+from kvpolicy.backends.triton.engine import TritonPolicy, build, rendered_expressions
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.errors import KvpolicyError
+from kvpolicy.program import Calibrate
 
 SMALL = {"budget": 24, "window": 6, "recent": 8, "sinks": 2, "residual": 16, "buffer": 4}
 DRAWS = settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -101,12 +102,13 @@ def test_shipped_policy_kernels_equal_torch(name, layer):
     calibration = {c.name: runs[0].temperatures[(c.name, 0)].expand(inputs.num_kv) for c in policy.ir.calibrations}
     rendered = triton_engine.rendered
     buffers = launch.run_steps(triton_engine.kernels, rendered.steps, inputs, calibration)
-    evaluator = Evaluator(policy.ir, inputs, calibration)
-    for kind, _, expr in render.policy_expressions(policy.ir):
-        if kind == "calibrate":
-            _close(buffers[rendered.lowering.tensor(expr).id], evaluator._eval(expr))
-        else:
-            _close(buffers[rendered.lowering.token_scores(expr).id], evaluator.token_scores(expr))
+    program = triton_engine.program
+    evaluator = Evaluator(program, inputs, calibration)
+    for cal in program.of(Calibrate):
+        written = next(c for c in policy.ir.calibrations if c.name == cal.name).target
+        _close(buffers[rendered.lowering.tensor(written).id], evaluator.value(cal.target))
+    for node, written in rendered_expressions(program).items():
+        _close(buffers[rendered.lowering.token_scores(written).id], evaluator.token_scores(node))
     assert torch.equal(got.kept, want.kept) and got.physical == want.physical
     assert (got.tiers is None) == (want.tiers is None) and (want.tiers is None or torch.equal(got.tiers, want.tiers))
     assert (got.values is None) == (want.values is None)

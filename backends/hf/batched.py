@@ -23,33 +23,14 @@ from __future__ import annotations
 import torch
 
 from kvpolicy import ir
+from kvpolicy.ops import KEYS, OPS, VALUES
+from kvpolicy.program import op_of
+from kvpolicy.walk import walk
 from kvpolicy.backends.torch import LayerInputs, ModelShape, TorchPolicy
 
-KV_SIGNALS = ("key_norm", "value_norm", "key_sim", "redundancy")
-
-
-def _expressions(policy: ir.Policy):
-    """Every expression the policy's keeps and states can evaluate."""
-    for state in policy.states:
-        yield state.update
-    yield from policy.scores.values()
-    for keep in policy.keeps:
-        yield from _selection_scores(keep.select)
-
-
-def _selection_scores(selection):
-    if isinstance(selection, ir.SelectUnion):
-        for part in selection.parts:
-            yield from _selection_scores(part)
-    elif isinstance(selection, (ir.TopK, ir.TopP, ir.Threshold)):
-        yield selection.score
-
-
-def _nodes(expr):
-    yield expr
-    for child in (getattr(expr, "left", None), getattr(expr, "right", None), getattr(expr, "operand", None), *getattr(expr, "args", ())):
-        if child is not None:
-            yield from _nodes(child)
+# What a row cannot decide alone: an operation that mixes the layer's kv heads,
+# or one reading held keys/values outside attention (the batch hands neither).
+ROW_UNSAFE = frozenset(name for name, op in OPS.items() if op.mixes_heads or (op.reads & {KEYS, VALUES} and not op.needs_queries))
 
 
 def rows_decide_alone(policy: ir.Policy) -> bool:
@@ -59,13 +40,7 @@ def rows_decide_alone(policy: ir.Policy) -> bool:
     for keep in policy.keeps:
         if keep.per != "kv_head" or keep.by_layer is not None or keep.layers is not None or keep.kv_heads is not None:
             return False
-    for expr in _expressions(policy):
-        for node in _nodes(expr):
-            if isinstance(node, ir.Apply) and node.fn == "head_mean":
-                return False
-            if isinstance(node, ir.Signal) and node.name in KV_SIGNALS:
-                return False
-    return True
+    return not any(op_of(node) in ROW_UNSAFE for node in walk(policy))
 
 
 class LayerBatch:

@@ -3,7 +3,7 @@
 Per layer, every kv head has a slot axis; per-slot metadata (`valid`,
 logical `positions`, states, tiers) is [Hkv, P], P being the most slots any
 head of the layer has. Where the K/V live depends on the policy's layout
-(`Plan.storage_layout`):
+(`Program.storage_layout`):
 - flatten_max: keys/values [1, Hkv, P, D]; a head holding fewer tokens has
   invalid slots (holes) that still cost bytes;
 - flatten_sum: each head's slots back to back in one buffer (segments.py);

@@ -10,4 +10,10 @@ def _build(policy, program):
     return TorchPolicy(policy, program.shape, program=program)
 
 
-BACKEND = Backend("torch", frozenset(OPS), _build, priority=0)
+def _evaluate(program, inputs, node: int, calibration=None):
+    from .evaluate import Evaluator
+
+    return Evaluator(program, inputs, calibration).value(node)
+
+
+BACKEND = Backend("torch", frozenset(OPS), _build, priority=0, evaluate=_evaluate)

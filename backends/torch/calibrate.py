@@ -37,8 +37,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpolicy import ir
-
 from .evaluate import Evaluator, LayerInputs
 
 
@@ -51,44 +49,20 @@ class FitResult:
     converged: torch.Tensor  # [Hkv] bool: error < tol
 
 
-def references_of(expr, policy: ir.Policy, seen=None) -> set[str]:
-    """Names of calibrations an expression depends on, through named scores."""
-    seen = set() if seen is None else seen
-    found: set[str] = set()
-    stack = [expr]
-    while stack:
-        e = stack.pop()
-        if isinstance(e, ir.Ref):
-            if e.kind == "calibration":
-                found.add(e.name)
-            elif e.kind == "score" and e.name not in seen:
-                seen.add(e.name)
-                stack.append(policy.scores[e.name])
-        elif isinstance(e, ir.Apply):
-            stack.extend(e.args)
-        elif isinstance(e, ir.Arith):
-            stack.extend([e.left, e.right])
-        elif isinstance(e, ir.Negate):
-            stack.append(e.operand)
-    return found
+def depends_on(program, name: str) -> set[int]:
+    """Indices of the program's nodes whose value depends on calibration `name`."""
+    out: set[int] = set()
+    for node in program.nodes:  # inputs come first, so one pass suffices
+        if (node.op == "calibration" and node.attrs["name"] == name) or any(i in out for i in node.inputs):
+            out.add(node.index)
+    return out
 
 
-def independent_parts(expr, policy: ir.Policy, name: str) -> list:
-    """The largest subexpressions of `expr` (through named scores) that do
-    not depend on calibration `name`."""
-    if name not in references_of(expr, policy):
-        return [expr]
-    if isinstance(expr, ir.Ref):  # a named score that depends on it
-        children = [policy.scores[expr.name]] if expr.kind == "score" else []
-    elif isinstance(expr, ir.Apply):
-        children = list(expr.args)
-    elif isinstance(expr, ir.Arith):
-        children = [expr.left, expr.right]
-    elif isinstance(expr, ir.Negate):
-        children = [expr.operand]
-    else:
-        children = []
-    return [part for child in children for part in independent_parts(child, policy, name)]
+def independent_parts(program, index: int, dependent: set[int]) -> list[int]:
+    """The largest sub-nodes of node `index` that do not depend on the calibration."""
+    if index not in dependent:
+        return [index]
+    return [part for i in program.nodes[index].inputs for part in independent_parts(program, i, dependent)]
 
 
 ROUNDING = 1e-6  # relative slack of the order check in _RowMass
@@ -148,11 +122,12 @@ def _finite(x):
 class Calibrator:
     """Fits one calibration of a policy on one layer."""
 
-    def __init__(self, policy: ir.Policy, calibration: ir.Calibration):
-        self.policy = policy
-        self.cal = calibration
-        self.p = float(calibration.target.options["p"])
+    def __init__(self, program, calibration):
+        self.program = program
+        self.cal = calibration  # a program Calibrate step: target and metric are nodes
+        self.p = calibration.p
         self.per_head = "kv_head" in calibration.scope
+        self.dependent = depends_on(program, calibration.name)
 
     def fit(self, inputs: LayerInputs, scores: dict | None = None) -> FitResult:
         """Fit on one layer. `scores`, if given, holds named scores already
@@ -165,14 +140,14 @@ class Calibrator:
             return self._fit(_normal_copy(inputs), {} if scores is None else scores)
 
     def _fit(self, inputs: LayerInputs, scores: dict) -> FitResult:
-        plain = Evaluator(self.policy, inputs, memo={name: value.clone() for name, value in scores.items()})
-        counts = plain._eval(self.cal.target)  # [Hkv, Q] long
+        plain = Evaluator(self.program, inputs, values={index: value.clone() for index, value in scores.items()})
+        counts = plain.value(self.cal.target)  # [Hkv, Q] long
         # What does not depend on T is evaluated once: the named scores, and
         # the metric's largest T-free parts (R-KV's redundancy, a max-pool),
         # so the solver's steps only redo what T changes.
-        parts = {id(part): plain._eval(part) for part in independent_parts(self.cal.metric, self.policy, self.cal.name)}
-        independent = [name for name in plain.memo if self.cal.name not in references_of(self.policy.scores[name], self.policy)]
-        scores.update({name: plain.memo[name] for name in independent})
+        parts = {part: plain.value(part) for part in independent_parts(self.program, self.cal.metric, self.dependent)}
+        # Nothing the plain evaluator reached depends on a calibration (it has none).
+        scores.update({index: value for index, value in plain.values.items() if torch.is_tensor(value)})
         # Every T-free node the metric reaches lies inside one of these parts,
         # so the solver's evaluator needs no memo of named scores. -inf
         # (masked) entries become a huge finite negative: x / T then has a
@@ -184,7 +159,7 @@ class Calibrator:
 
         def mass_at(temperature: torch.Tensor) -> torch.Tensor:
             t = temperature if self.per_head else temperature.expand(inputs.num_kv)
-            evaluator = Evaluator(self.policy, inputs, calibration={self.cal.name: t}, fixed=fixed)
+            evaluator = Evaluator(self.program, inputs, calibration={self.cal.name: t}, values=fixed)
             return row_mass(evaluator.tensor(self.cal.metric))
 
         lo, hi = self.cal.clamp

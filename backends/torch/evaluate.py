@@ -1,4 +1,4 @@
-"""Evaluate IR expressions on one layer of one sequence.
+"""Interpret a program's expression nodes (kvpolicy.program) on one layer of one sequence.
 
 Tensors are float32 [Hkv, Q, T] or [Hkv, 1, T] in physical slot order.
 Invalid slots (holes, dropped tokens) are excluded everywhere: transforms
@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-from kvpolicy import ir
 
 from . import signals
 
@@ -38,29 +36,34 @@ class LayerInputs:
 
 
 class Evaluator:
-    """Evaluates expressions of one policy on one layer, each named score once."""
+    """Interprets a program's expression nodes on one layer: each node is
+    evaluated once, by the implementation `IMPLEMENTATIONS[node.op]`."""
 
-    def __init__(self, policy: ir.Policy, inputs: LayerInputs, calibration: dict[str, torch.Tensor] | None = None,
-                 memo: dict | None = None, fixed: dict | None = None):
-        self.policy = policy
+    def __init__(self, program, inputs: LayerInputs, calibration: dict[str, torch.Tensor] | None = None,
+                 values: dict[int, object] | None = None):
+        self.program = program
         self.inputs = inputs
         self.calibration = calibration or {}  # name -> [Hkv] (or [1]) tensor
-        self.memo: dict[str, torch.Tensor] = dict(memo or {})
-        self.fixed = fixed or {}  # id(subexpression of the policy's IR) -> its value, already evaluated
+        self.values: dict[int, object] = dict(values or {})  # node index -> its value
         self._logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------- entry points
 
-    def tensor(self, expr) -> torch.Tensor:
-        """An expression as a tensor [Hkv, Q|1, T] (numbers broadcast)."""
-        value = self._eval(expr)
-        if not torch.is_tensor(value) or value.dim() < 3:
-            value = torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1, 1).expand(self.inputs.num_kv, 1, self.inputs.keys.shape[1])
-        return value
+    def value(self, index: int):
+        """Node `index` as computed: a tensor [Hkv, Q|1, T] (or [Hkv, Q] counts), a number, or [Hkv] scalars."""
+        if index not in self.values:
+            node = self.program.nodes[index]
+            args = [self.value(i) for i in node.inputs]
+            self.values[index] = IMPLEMENTATIONS[node.op](self, node, args)
+        return self.values[index]
 
-    def token_scores(self, expr) -> torch.Tensor:
-        """[Hkv, T]: the expression averaged over observed queries; -inf where invalid."""
-        value = self.tensor(expr)
+    def tensor(self, index: int) -> torch.Tensor:
+        """Node `index` as a tensor [Hkv, Q|1, T] (numbers broadcast)."""
+        return self._as_tensor(self.value(index))
+
+    def token_scores(self, index: int) -> torch.Tensor:
+        """[Hkv, T]: node `index` averaged over observed queries; -inf where invalid."""
+        value = self.tensor(index)
         if value.shape[1] == 1:  # one row (states, key norms): its own mean; + 0.0 turns -0.0 into 0.0 as the sum below does
             return (value[:, 0] + 0.0).masked_fill(~self.inputs.valid, NEG_INF)
         finite = torch.isfinite(value)
@@ -69,43 +72,14 @@ class Evaluator:
         mean = torch.where(all_masked, value.amax(dim=1), mean)  # every row -inf stays -inf
         return mean.masked_fill(~self.inputs.valid, NEG_INF)
 
-    # ------------------------------------------------------------- recursion
+    # ------------------------------------------------------------- helpers for implementations
 
-    def _eval(self, e):
-        if id(e) in self.fixed:
-            return self.fixed[id(e)]
-        if isinstance(e, ir.Const):
-            return float(e.value)
-        if isinstance(e, ir.Ref):
-            return self._ref(e)
-        if isinstance(e, ir.Signal):
-            return self._signal(e)
-        if isinstance(e, ir.Apply):
-            return self._apply(e)
-        if isinstance(e, ir.Arith):
-            left, right = self._eval(e.left), self._eval(e.right)
-            left, right = self._broadcastable(left), self._broadcastable(right)
-            return {"+": lambda: left + right, "-": lambda: left - right, "*": lambda: left * right, "/": lambda: left / right}[e.operator]()
-        if isinstance(e, ir.Negate):
-            return -self._broadcastable(self._eval(e.operand))
-        raise TypeError(f"not an expression: {e!r}")
-
-    def _broadcastable(self, value):
-        # A calibrated scalar per kv head [Hkv] (or [1]) lines up with [Hkv, Q, T].
-        if torch.is_tensor(value) and value.dim() == 1:
-            return value.reshape(-1, 1, 1)
+    def _as_tensor(self, value) -> torch.Tensor:
+        if not torch.is_tensor(value) or value.dim() < 3:
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1, 1).expand(self.inputs.num_kv, 1, self.inputs.keys.shape[1])
         return value
 
-    def _ref(self, ref: ir.Ref):
-        if ref.kind == "calibration":
-            return self.calibration[ref.name]
-        if ref.kind == "state":
-            return self.inputs.states[ref.name][:, None, :].float()
-        if ref.name not in self.memo:
-            self.memo[ref.name] = self._eval(self.policy.scores[ref.name])
-        return self.memo[ref.name]
-
-    def _query_logits(self) -> torch.Tensor:
+    def query_logits(self) -> torch.Tensor:
         if self._logits is None:
             x = self.inputs
             if x.queries is None or x.queries.shape[1] == 0:
@@ -113,41 +87,52 @@ class Evaluator:
             self._logits = signals.query_logits(x.queries, x.keys, x.valid, x.key_pos, x.query_pos)
         return self._logits
 
-    def _signal(self, s: ir.Signal) -> torch.Tensor:
-        x, o = self.inputs, s.options
-        if s.name == "attn":
-            return signals.attn(self._query_logits(), x.num_kv, o["group"], o["queries"])
-        if s.name == "attn_logits":
-            return signals.attn_logits(self._query_logits(), x.num_kv, o["group"], o["queries"])
-        if s.name == "key_norm":
-            return signals.key_norm(x.keys)
-        if s.name == "value_norm":
-            return signals.value_norm(x.values)
-        if s.name == "key_sim":
-            return signals.key_sim(x.keys, x.valid)
-        if s.name == "redundancy":
-            return signals.redundancy(x.keys, x.valid, x.key_pos, float(o["threshold"]))
-        raise ValueError(f"unknown signal {s.name}")
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.inputs.valid[:, None, :]
 
-    def _apply(self, a: ir.Apply):
-        args = [self.tensor(arg) for arg in a.args]
-        x = args[0]
-        valid = self.inputs.valid[:, None, :]
-        if a.fn == "softmax":
-            return torch.softmax(x.masked_fill(~valid, NEG_INF), dim=-1).nan_to_num(0.0)
-        if a.fn == "normalize":
-            return normalize(x, valid)
-        if a.fn == "log":
-            return torch.log(x)
-        if a.fn == "exp":
-            return torch.exp(x)
-        if a.fn == "pool":
-            return pool(x, valid, a.options["op"], int(a.options["kernel"]))
-        if a.fn == "head_mean":
-            return head_mean(x, valid)
-        if a.fn == "top_p_count":
-            return top_p_count(x, valid, float(a.options["p"]))
-        raise ValueError(f"unknown function {a.fn}")
+
+def _broadcastable(value):
+    # A calibrated scalar per kv head [Hkv] (or [1]) lines up with [Hkv, Q, T].
+    if torch.is_tensor(value) and value.dim() == 1:
+        return value.reshape(-1, 1, 1)
+    return value
+
+
+def _arith(fn):
+    return lambda ev, node, args: fn(_broadcastable(args[0]), _broadcastable(args[1]))
+
+
+def _transform(fn):
+    """An implementation whose tensor arguments arrive broadcast to [Hkv, Q|1, T]."""
+    return lambda ev, node, args: fn(ev, node, *[ev._as_tensor(a) for a in args])
+
+
+# One implementation per operation of kvpolicy.ops.OPS that is an expression
+# node (selections are in select.py). `ev` gives the layer's inputs.
+IMPLEMENTATIONS = {
+    "const": lambda ev, node, args: float(node.attrs["value"]),
+    "state": lambda ev, node, args: ev.inputs.states[node.attrs["name"]][:, None, :].float(),
+    "calibration": lambda ev, node, args: ev.calibration[node.attrs["name"]],
+    "add": _arith(lambda a, b: a + b),
+    "sub": _arith(lambda a, b: a - b),
+    "mul": _arith(lambda a, b: a * b),
+    "div": _arith(lambda a, b: a / b),
+    "neg": lambda ev, node, args: -_broadcastable(args[0]),
+    "attn": lambda ev, node, args: signals.attn(ev.query_logits(), ev.inputs.num_kv, node.attrs["group"], node.attrs["queries"]),
+    "attn_logits": lambda ev, node, args: signals.attn_logits(ev.query_logits(), ev.inputs.num_kv, node.attrs["group"], node.attrs["queries"]),
+    "key_norm": lambda ev, node, args: signals.key_norm(ev.inputs.keys),
+    "value_norm": lambda ev, node, args: signals.value_norm(ev.inputs.values),
+    "key_sim": lambda ev, node, args: signals.key_sim(ev.inputs.keys, ev.inputs.valid),
+    "redundancy": lambda ev, node, args: signals.redundancy(ev.inputs.keys, ev.inputs.valid, ev.inputs.key_pos, float(node.attrs["threshold"])),
+    "softmax": _transform(lambda ev, node, x: torch.softmax(x.masked_fill(~ev.valid, NEG_INF), dim=-1).nan_to_num(0.0)),
+    "normalize": _transform(lambda ev, node, x: normalize(x, ev.valid)),
+    "log": _transform(lambda ev, node, x: torch.log(x)),
+    "exp": _transform(lambda ev, node, x: torch.exp(x)),
+    "pool": _transform(lambda ev, node, x: pool(x, ev.valid, node.attrs["op"], int(node.attrs["kernel"]))),
+    "head_mean": _transform(lambda ev, node, x: head_mean(x, ev.valid)),
+    "top_p_count": _transform(lambda ev, node, x: top_p_count(x, ev.valid, float(node.attrs["p"]))),
+}
 
 
 def normalize(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

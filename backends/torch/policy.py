@@ -13,21 +13,22 @@ execution path of the HF engine. Engine-facing API:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from kvpolicy import ir
-from kvpolicy.budgets import layer_counts
+from kvpolicy.diagnostics import Diagnostic, PolicyError
 from kvpolicy.errors import KvpolicyError
 from kvpolicy.model_shape import ModelShape
-from kvpolicy.ops import PHYSICAL_LAYOUTS
-from kvpolicy.program import Program, lower
+from kvpolicy.program import Accumulate, Calibrate, Keep, Merge, Program, Tier, lower
 from kvpolicy.runtime.window import QueryWindow
 
 from . import select as sel
-from .calibrate import Calibrator, FitResult, references_of
+from .calibrate import Calibrator, FitResult
 from .evaluate import Evaluator, LayerInputs
 from .merge import merge_evicted
+from .signals import reduce_group
 
 
 @dataclass
@@ -50,14 +51,43 @@ class LayerDecision:
     tiers: torch.Tensor | None = None  # [Hkv, T] long tier index per slot (cascades)
 
 
+@dataclass(frozen=True)
+class EventOps:
+    """What a compression event runs once its scores exist, as one backend
+    implements it: the torch reference (select.py, merge.py) here, kernels in
+    backends/triton/engine.py. The control (which keep or tier runs, unions
+    with protected tokens, cascade transitions) is TorchPolicy's, shared."""
+
+    selections: dict  # Select.op -> (select, scores, candidates, protected, layer) -> [Hkv, T] mask
+    per_layer_top_k: Callable  # (token scores [Hkv, T], candidates, k, floor) -> mask
+    positional: Callable  # (first/last Select, valid, key_pos, layer) -> mask
+    merge_evicted: Callable  # (keys, values, valid, kept, weights, into) -> values [Hkv, T, D]
+
+
+TORCH_EVENT_OPS = EventOps(sel.SELECTIONS, sel.per_layer_top_k, sel.positional, merge_evicted)
+
+
 class TorchPolicy:
+    backend = "torch"
+
     def __init__(self, policy, shape: ModelShape, program: Program | None = None):
         self.source = policy if hasattr(policy, "source") else None
         self.ir: ir.Policy = policy.ir if hasattr(policy, "ir") else policy
         self.shape = shape
         self.program: Program = program or lower(policy, shape)  # lowering checks the policy against the shape
         self.plan = self.program  # the name engines read
-        self.calibrators = {c.name: Calibrator(self.ir, c) for c in self.ir.calibrations}
+        self.calibrators = {c.name: Calibrator(self.program, c) for c in self.program.of(Calibrate)}
+        self.keeps = self.program.of(Keep)
+        self.tiers = self.program.of(Tier)
+        self.merge = next((m for m in self.program.of(Merge) if m.tier is None), None)
+        accumulate = self.program.of(Accumulate)
+        self.states = accumulate[0].states if accumulate else ()
+        for state in self.states:  # refused now, not in the middle of a forward pass
+            if self.program.nodes[state.update].op != "attn":
+                message = f"state {state.name}: the torch backend accumulates only attn(...) states yet"
+                if self.source is None:
+                    raise KvpolicyError(message)
+                raise PolicyError([Diagnostic(self.source.locate("state", state.name), message)], self.source.source)
         self.calibration_files = self._load_calibration_files()
 
     # ------------------------------------------------------------- runtime
@@ -80,9 +110,9 @@ class TorchPolicy:
         states are [Hkv, T] aligned with the slots (new slots start at 0)."""
         out = {}
         num_kv, seen = valid.shape[0], probs.shape[-1]
-        for state in self.ir.states:
+        for state in self.states:
             current = states[state.name]
-            update = _state_update(state.update, probs, num_kv)  # [Hkv, n, L] one row per new query
+            update = reduce_group(probs.float(), num_kv, self.program.nodes[state.update].attrs["group"])  # [Hkv, n, L] one row per new query
             head, tail = current[:, :seen], current[:, seen:]
             for row in update.unbind(dim=1):  # query by query, in order, as the method defines it
                 head = state.decay * head + row
@@ -100,26 +130,37 @@ class TorchPolicy:
     def compress_layer(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> LayerDecision:
         run.compressions[layer] += 1
         self._observed(run, layer, inputs)
-        scores: dict[str, torch.Tensor] = {}  # named scores a calibration fit evaluated, reused below
-        calibration = self._temperatures(run, layer, inputs, scores)
-        evaluator = Evaluator(self.ir, inputs, calibration, memo=scores)
+        scores = self._scores(run, layer, inputs)
         protected, applies = self._protected(layer, inputs)
-        if self.ir.cascade:
-            return self._cascade(run, layer, inputs, evaluator, protected)
+        if self.tiers:
+            return self._cascade(run, layer, inputs, scores, protected)
+        ops = self.event_ops
         candidates = inputs.valid & ~protected
         scored = torch.zeros_like(inputs.valid)
-        for keep in self.ir.keeps:
-            if not self._keep_applies(keep, layer) or sel.is_positional(keep.select):
+        for keep in self.keeps:
+            if not self._keep_applies(keep, layer) or keep.select.positional:
                 continue  # first/last tokens are already in `protected`
             heads = self._head_mask(keep)
-            if keep.per == "layer" and isinstance(keep.select, ir.TopK):
-                chosen = sel.per_layer_top_k(evaluator.token_scores(keep.select.score), candidates & heads[:, None], self._count(keep, layer)(keep.select.count), keep.floor)
+            if keep.per == "layer" and keep.select.op == "top_k":
+                chosen = ops.per_layer_top_k(scores.token_scores(keep.select.score), candidates & heads[:, None], keep.select.count(layer), keep.floor)
             else:
-                chosen = sel.select(keep.select, evaluator, candidates & heads[:, None], protected, self._count(keep, layer))
+                chosen = ops.selections[keep.select.op](keep.select, scores, candidates & heads[:, None], protected, layer)
             scored |= chosen & heads[:, None]
         kept = torch.where(applies[:, None], (protected | scored) & inputs.valid, inputs.valid)
-        values = self._merge(self.ir.merge, evaluator, inputs, kept)
+        values = self._merge(self.merge, scores, inputs, kept)
         return LayerDecision(kept=kept, physical=True, values=values)
+
+    # ------------------------------------------------------------- backend hooks
+
+    event_ops: EventOps = TORCH_EVENT_OPS
+
+    def _scores(self, run: SequenceRun, layer: int, inputs: LayerInputs):
+        """The event's scores: an object with token_scores(node) and inputs.
+        Torch evaluates the program's nodes lazily; what a calibration fit
+        evaluated is reused."""
+        fitted: dict[int, torch.Tensor] = {}
+        calibration = self._temperatures(run, layer, inputs, fitted)
+        return Evaluator(self.program, inputs, calibration, values=fitted)
 
     # ------------------------------------------------------------- pieces
 
@@ -142,7 +183,7 @@ class TorchPolicy:
         says, and record the values in `run` (what `kvpolicy calibrate` runs
         after a prefill; the online fit sees the same inputs)."""
         self._observed(run, layer, inputs)
-        return {cal.name: self._fit(run, layer, cal, inputs, {}) for cal in self.ir.calibrations}
+        return {cal.name: self._fit(run, layer, cal, inputs, {}) for cal in self.program.of(Calibrate)}
 
     def _observed(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> None:
         """Give `inputs` the layer's observed query window, if the policy reads one."""
@@ -150,7 +191,7 @@ class TorchPolicy:
             window = run.windows[layer]
             inputs.queries, inputs.query_pos = window.queries, window.positions
 
-    def _fit(self, run: SequenceRun, layer: int, cal: ir.Calibration, inputs: LayerInputs, scores: dict) -> FitResult:
+    def _fit(self, run: SequenceRun, layer: int, cal: Calibrate, inputs: LayerInputs, scores: dict) -> FitResult:
         """Fit `cal` on this layer and record the result in `run`."""
         result = self.calibrators[cal.name].fit(inputs, scores)
         run.temperatures[(cal.name, layer)] = result.temperature
@@ -159,7 +200,7 @@ class TorchPolicy:
 
     def _temperatures(self, run: SequenceRun, layer: int, inputs: LayerInputs, scores: dict) -> dict[str, torch.Tensor]:
         out = {}
-        for cal in self.ir.calibrations:
+        for cal in self.program.of(Calibrate):
             key = (cal.name, layer)
             if cal.fit.kind == "file":
                 if key not in run.temperatures:
@@ -174,47 +215,40 @@ class TorchPolicy:
             out[cal.name] = t if t.numel() == inputs.num_kv else t.expand(inputs.num_kv)
         return out
 
-    def _keep_applies(self, keep: ir.Keep, layer: int) -> bool:
+    def _keep_applies(self, keep: Keep, layer: int) -> bool:
         return keep.layers is None or layer in keep.layers
 
-    def _head_mask(self, keep: ir.Keep) -> torch.Tensor:
+    def _head_mask(self, keep: Keep) -> torch.Tensor:
         heads = torch.ones(self.shape.num_kv_heads, dtype=torch.bool)
         if keep.kv_heads is not None:
             heads[:] = False
             heads[list(keep.kv_heads)] = True
         return heads
 
-    def _count(self, keep: ir.Keep, layer: int):
-        shape = keep.by_layer
-
-        def count_for(n: int) -> int:
-            return n if shape is None else layer_counts(n, shape, self.shape.num_layers)[layer]
-
-        return count_for
-
     def _protected(self, layer: int, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(protected [Hkv, T], applies [Hkv]): tokens kept by first/last, and
         the heads some keep applies to (the others are not compressed)."""
         protected = torch.zeros_like(inputs.valid)
         applies = torch.zeros(inputs.num_kv, dtype=torch.bool)
-        for keep in self.ir.keeps:
+        for keep in self.keeps:
             if not self._keep_applies(keep, layer):
                 continue
             heads = self._head_mask(keep)
             applies |= heads
-            for part in sel.positional_parts(keep.select):
-                protected |= sel.positional(part, inputs.valid, inputs.key_pos) & heads[:, None]
-        if self.ir.cascade:
+            for part in keep.select.flat():
+                if part.positional:
+                    protected |= self.event_ops.positional(part, inputs.valid, inputs.key_pos, layer) & heads[:, None]
+        if self.tiers:
             applies[:] = True
         return protected, applies
 
-    def _merge(self, merge: ir.Merge | None, evaluator: Evaluator, inputs: LayerInputs, kept: torch.Tensor):
+    def _merge(self, merge: Merge | None, scores, inputs: LayerInputs, kept: torch.Tensor):
         if merge is None:
             return None
-        weights = evaluator.token_scores(merge.weight) if merge.weight is not None else None
-        return merge_evicted(inputs.keys, inputs.values, inputs.valid, kept, weights, merge.into)
+        weights = scores.token_scores(merge.weight) if merge.weight is not None else None
+        return self.event_ops.merge_evicted(inputs.keys, inputs.values, inputs.valid, kept, weights, merge.into)
 
-    def _cascade(self, run: SequenceRun, layer: int, inputs: LayerInputs, evaluator: Evaluator, protected: torch.Tensor) -> LayerDecision:
+    def _cascade(self, run: SequenceRun, layer: int, inputs: LayerInputs, scores, protected: torch.Tensor) -> LayerDecision:
         """Tiers: new tokens sit in tier 0. At compression c, each later tier
         due at c (c = 1, 1 + every, 1 + 2 every, ...) takes the tokens of its source tier and its
         own: with a select, the chosen (and protected) ones stay, the rest are
@@ -222,32 +256,21 @@ class TorchPolicy:
         ran stores its tokens contiguously, else a mask update."""
         count = run.compressions[layer]
         tiers = inputs.tiers.clone() if getattr(inputs, "tiers", None) is not None else torch.zeros_like(inputs.key_pos)
-        names = [t.name for t in self.ir.cascade]
         kept = inputs.valid.clone()
         physical = False
         values = None
-        for index, tier in enumerate(self.ir.cascade[1:], start=1):
+        for tier in self.tiers[1:]:
+            index, source = tier.index, tier.source
             if (count - 1) % tier.every:  # every N compressions, the first included
                 continue
-            source = names.index(tier.source)
             members = kept & ((tiers == source) | (tiers == index))
             if tier.select is not None:
-                chosen = sel.select(tier.select, evaluator, members & ~protected, protected, lambda n: n)
+                chosen = self.event_ops.selections[tier.select.op](tier.select, scores, members & ~protected, protected, layer)
                 stay = chosen | (members & protected)
                 if tier.merge is not None:
-                    values = self._merge(tier.merge, evaluator, inputs, kept & ~(members & ~stay))
+                    values = self._merge(tier.merge, scores, inputs, kept & ~(members & ~stay))
                 kept &= ~(members & ~stay)
                 members = stay
             tiers = torch.where(members, torch.full_like(tiers, index), tiers)
-            physical |= tier.layout in PHYSICAL_LAYOUTS
+            physical |= tier.physical
         return LayerDecision(kept=kept, physical=physical, values=values, tiers=tiers)
-
-
-def _state_update(update, probs: torch.Tensor, num_kv: int) -> torch.Tensor:
-    """Evaluate a state's update per new query row: only attn(...) of the new
-    queries is supported here, which is what accumulated-attention methods use."""
-    if not isinstance(update, ir.Signal) or update.name != "attn":
-        raise KvpolicyError("the torch backend accumulates only attn(...) states")
-    from .signals import reduce_group
-
-    return reduce_group(probs.float(), num_kv, update.options["group"])  # [Hkv, n, L]

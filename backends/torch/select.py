@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import torch
 
-from kvpolicy import ir
-
 from .evaluate import NEG_INF, Evaluator
 
 
-def positional(sel, valid: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """[Hkv, T] mask of first/last n valid tokens by logical position."""
-    n = sel.count
+def positional(sel, valid: torch.Tensor, key_pos: torch.Tensor, layer: int) -> torch.Tensor:
+    """[Hkv, T] mask of first/last n valid tokens by logical position (`sel`: a program Select)."""
+    n = sel.count(layer)
+    first = sel.op == "first"
     if n == 0:
         return torch.zeros_like(valid)
     if bool(valid.all()) and bool((key_pos[:, 1:] > key_pos[:, :-1]).all()):
         # Slots already in logical order (the usual case): ranks are slot indices.
         slots = torch.arange(valid.shape[-1])
-        ranks = slots if isinstance(sel, ir.First) else valid.shape[-1] - 1 - slots
+        ranks = slots if first else valid.shape[-1] - 1 - slots
         return (ranks < n).expand_as(valid).clone()
     far = torch.iinfo(torch.long).max
-    if isinstance(sel, ir.First):
+    if first:
         order_key = key_pos.masked_fill(~valid, far)
         ranks = order_key.argsort(dim=-1, stable=True).argsort(dim=-1)
     else:
@@ -126,37 +125,34 @@ def per_layer_top_k(scores: torch.Tensor, candidates: torch.Tensor, k: int, floo
     return take.reshape(scores.shape) & candidates
 
 
-def select(sel, evaluator: Evaluator, candidates: torch.Tensor, protected: torch.Tensor, count_for) -> torch.Tensor:
-    """[Hkv, T] mask of what one scored selection keeps. `count_for(n)` maps a
-    written count to this layer's count (by-layer shapes)."""
-    valid = evaluator.inputs.valid
-    if isinstance(sel, (ir.First, ir.Last)):
-        return torch.zeros_like(valid)  # already in `protected`
-    if isinstance(sel, ir.SelectUnion):
-        out = torch.zeros_like(valid)
+def union_over(table: dict):
+    """A union's implementation over one backend's selection table: each part
+    selects from the same candidates, the masks are or-ed."""
+
+    def union(sel, scores, candidates, protected, layer):
+        out = torch.zeros_like(scores.inputs.valid)
         for part in sel.parts:
-            out |= select(part, evaluator, candidates, protected, count_for)
+            out |= table[part.op](part, scores, candidates, protected, layer)
         return out
-    scores = evaluator.token_scores(sel.score)
-    if isinstance(sel, ir.TopK):
-        return top_k(scores, candidates, count_for(sel.count))
-    if isinstance(sel, ir.TopP):
-        limit = count_for(sel.limit) if sel.limit is not None else None
-        floor = count_for(sel.floor) if sel.floor is not None else None
-        return top_p(scores, candidates, protected, valid, sel.p, limit, floor)
-    return threshold(scores, candidates, sel.operator, sel.value)
+
+    return union
 
 
-def is_positional(sel) -> bool:
-    """first/last only: nothing to score (the engine protects these tokens)."""
-    if isinstance(sel, ir.SelectUnion):
-        return all(is_positional(part) for part in sel.parts)
-    return isinstance(sel, (ir.First, ir.Last))
+def _top_p(sel, scores, candidates, protected, layer):
+    floors = sel.attrs.get("floors")
+    floor = floors[layer] if floors else None
+    return top_p(scores.token_scores(sel.score), candidates, protected, scores.inputs.valid, sel.attrs["p"], sel.count(layer), floor)
 
 
-def positional_parts(sel) -> list:
-    if isinstance(sel, (ir.First, ir.Last)):
-        return [sel]
-    if isinstance(sel, ir.SelectUnion):
-        return [p for part in sel.parts for p in positional_parts(part)]
-    return []
+# One implementation per selection of kvpolicy.ops.OPS: (Select step, scores,
+# candidates, protected, layer) -> [Hkv, T] mask, where `scores` is the event's
+# Evaluator (token_scores(node), inputs). first/last keep nothing here: their
+# tokens are already in `protected`.
+SELECTIONS = {
+    "first": lambda sel, ev, candidates, protected, layer: torch.zeros_like(ev.inputs.valid),
+    "last": lambda sel, ev, candidates, protected, layer: torch.zeros_like(ev.inputs.valid),
+    "top_k": lambda sel, ev, candidates, protected, layer: top_k(ev.token_scores(sel.score), candidates, sel.count(layer)),
+    "top_p": _top_p,
+    "threshold": lambda sel, ev, candidates, protected, layer: threshold(ev.token_scores(sel.score), candidates, sel.attrs["operator"], sel.attrs["value"]),
+}
+SELECTIONS["union"] = union_over(SELECTIONS)

@@ -2,22 +2,24 @@
 compression stage run by the policy's generated kernels.
 
 Engines use it exactly as they use TorchPolicy (observe, accumulate, due,
-compress_layer -> LayerDecision). A compression event runs the fused
-scoring steps (lowering.py), then selection, unions with protected tokens,
-cascade transitions and merge-on-evict through the select_rows / merge
-kernels; a bisection calibration fit runs by kernel too. Still on the torch
-side: the Adam fit (it needs the metric's gradient; the kernels read the
-temperatures it fits) and per-token state accumulation.
+compress_layer -> LayerDecision): the control over the program's steps
+(which keep or tier runs, unions with protected tokens, cascade transitions)
+is TorchPolicy's; this backend supplies the two hooks, `_scores` (the fused
+scoring steps of lowering.py) and `event_ops` (selection, first/last and
+merge-on-evict by the select_rows / merge kernels). A bisection calibration
+fit runs by kernel too. Still on the torch side: the Adam fit (it needs the
+metric's gradient; the kernels read the temperatures it fits) and per-token
+state accumulation.
 """
 from __future__ import annotations
 
 import torch
 
-from kvpolicy import ir
 from kvpolicy.backends.torch import LayerInputs, ModelShape, TorchPolicy
-from kvpolicy.backends.torch.policy import LayerDecision, SequenceRun
+from kvpolicy.backends.torch.policy import EventOps, SequenceRun
+from kvpolicy.backends.torch.select import union_over
 from kvpolicy.diagnostics import Diagnostic, PolicyError
-from kvpolicy.plan import PHYSICAL_LAYOUTS
+from kvpolicy.program import Calibrate, Keep, Merge, Tier
 
 from . import launch, render
 from .lowering import Unsupported
@@ -47,14 +49,70 @@ def _locate(policy, err: Unsupported):
     return policy.locate(err.kind, err.name)
 
 
+def rendered_expressions(program) -> dict[int, object]:
+    """Program node -> the IR expression the kernels were rendered for (a named
+    score is rendered as written at its use, e.g. a reference), pairing the
+    program's keep, tier and merge steps with the IR they were lowered from."""
+    policy, out = program.policy, {}
+
+    def pair(step, written):
+        if step.op == "union":
+            for part, written_part in zip(step.parts, written.parts):
+                pair(part, written_part)
+        elif step.score is not None:
+            out[step.score] = written.score
+
+    for keep, written in zip(program.of(Keep), policy.keeps):
+        pair(keep.select, written.select)
+    for tier, written in zip(program.of(Tier), policy.cascade):
+        if tier.select is not None:
+            pair(tier.select, written.select)
+        if tier.merge is not None and tier.merge.weight is not None:
+            out[tier.merge.weight] = written.merge.weight
+    for merge in program.of(Merge):
+        if merge.tier is None and merge.weight is not None:
+            out[merge.weight] = policy.merge.weight
+    return out
+
+
 class _Scores:
-    """Token scores of one compression event, read from the kernels' buffers."""
+    """Token scores of one compression event, read from the kernels' buffers
+    by program node."""
 
-    def __init__(self, rendered: render.Rendered, buffers: dict[int, torch.Tensor], valid: torch.Tensor):
-        self.rendered, self.buffers, self.valid = rendered, buffers, valid
+    def __init__(self, policy: "TritonPolicy", buffers: dict[int, torch.Tensor], inputs: LayerInputs):
+        self.policy, self.buffers, self.inputs = policy, buffers, inputs
 
-    def __call__(self, expr) -> torch.Tensor:
-        return self.buffers[self.rendered.lowering.token_scores(expr).id]
+    def token_scores(self, node: int) -> torch.Tensor:
+        expr = self.policy.expressions[node]
+        return self.buffers[self.policy.rendered.lowering.token_scores(expr).id]
+
+
+def kernel_event_ops(mod) -> EventOps:
+    """The event operations of TorchPolicy, by the policy's kernels `mod`."""
+
+    def top_p(sel, scores, candidates, protected, layer):
+        kept = launch.top_p(mod, scores.token_scores(sel.score), candidates, protected, scores.inputs.valid, sel.attrs["p"], sel.count(layer))
+        floors = sel.attrs.get("floors")
+        if floors:  # top_p and top_k keep prefixes of one ranking: the floor is the longer prefix
+            limit = sel.count(layer)
+            kept |= launch.top_k(mod, scores.token_scores(sel.score), candidates, floors[layer] if limit is None else min(floors[layer], limit))
+        return kept
+
+    nothing = lambda sel, scores, candidates, protected, layer: torch.zeros_like(scores.inputs.valid)  # noqa: E731 (in `protected`)
+    selections = {
+        "first": nothing,
+        "last": nothing,
+        "top_k": lambda sel, scores, candidates, protected, layer: launch.top_k(mod, scores.token_scores(sel.score), candidates, sel.count(layer)),
+        "top_p": top_p,
+        "threshold": lambda sel, scores, candidates, protected, layer: launch.threshold(mod, scores.token_scores(sel.score), candidates, sel.attrs["operator"], sel.attrs["value"]),
+    }
+    selections["union"] = union_over(selections)
+    return EventOps(
+        selections=selections,
+        per_layer_top_k=lambda scores, candidates, k, floor: launch.per_layer_top_k(mod, scores, candidates, k, floor),
+        positional=lambda sel, valid, key_pos, layer: launch.positional(mod, sel.op == "first", sel.count(layer), valid, key_pos),
+        merge_evicted=lambda keys, values, valid, kept, weights, into: launch.merge_evicted(mod, keys, values, valid, kept, weights, into),
+    )
 
 
 class TritonPolicy(TorchPolicy):
@@ -64,41 +122,21 @@ class TritonPolicy(TorchPolicy):
         super().__init__(policy, shape, program=program)
         self.rendered = build(policy)
         self.kernels = render.load(self.rendered)
+        self.event_ops = kernel_event_ops(self.kernels)
+        self.expressions = rendered_expressions(self.program)
         # What a compression reads: selection and merge scores (the fit, on the
         # torch side for now, evaluates its own target).
         low = self.rendered.lowering
         roots = [low.token_scores(expr) for kind, _, expr in render.policy_expressions(self.ir) if kind != "calibrate"]
         self.event_steps = launch.needed(self.rendered.steps, roots)
 
-    # ------------------------------------------------------------- one event
-
-    def compress_layer(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> LayerDecision:
-        run.compressions[layer] += 1
-        self._observed(run, layer, inputs)
+    def _scores(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> _Scores:
         calibration = self._temperatures(run, layer, inputs, {})
-        buffers = launch.run_steps(self.kernels, self.rendered.steps, inputs, calibration, self.event_steps)
-        scores = _Scores(self.rendered, buffers, inputs.valid)
-        protected, applies = self._protected_kernels(layer, inputs)
-        if self.ir.cascade:
-            return self._cascade_kernels(run, layer, inputs, scores, protected)
-        candidates = inputs.valid & ~protected
-        scored = torch.zeros_like(inputs.valid)
-        for keep in self.ir.keeps:
-            if not self._keep_applies(keep, layer) or _positional_only(keep.select):
-                continue
-            heads = self._head_mask(keep)[:, None]
-            count_for = self._count(keep, layer)
-            if keep.per == "layer" and isinstance(keep.select, ir.TopK):
-                chosen = launch.per_layer_top_k(self.kernels, scores(keep.select.score), candidates & heads, count_for(keep.select.count), keep.floor)
-            else:
-                chosen = self._select(keep.select, scores, candidates & heads, protected, inputs.valid, count_for)
-            scored |= chosen & heads
-        kept = torch.where(applies[:, None], (protected | scored) & inputs.valid, inputs.valid)
-        return LayerDecision(kept=kept, physical=True, values=self._merge_kernels(self.ir.merge, scores, inputs, kept))
+        return _Scores(self, launch.run_steps(self.kernels, self.rendered.steps, inputs, calibration, self.event_steps), inputs)
 
     # ------------------------------------------------------------- calibration
 
-    def _fit(self, run: SequenceRun, layer: int, cal: ir.Calibration, inputs: LayerInputs, scores: dict):
+    def _fit(self, run: SequenceRun, layer: int, cal: Calibrate, inputs: LayerInputs, scores: dict):
         """Bisection fits by kernel: the target counts and the metric at each
         trial temperature come from the generated steps, the row masses from
         row_mass; the solver's control (bounds, stop rule, best T) is the
@@ -110,7 +148,8 @@ class TritonPolicy(TorchPolicy):
 
         calibrator = self.calibrators[cal.name]
         low = self.rendered.lowering
-        target, metric = low.tensor(cal.target), low.tensor(cal.metric)
+        nodes = self.program.nodes
+        target, metric = low.tensor(nodes[cal.target].expr), low.tensor(nodes[cal.metric].expr)
         counts = launch.run_steps(self.kernels, self.rendered.steps, inputs, {}, launch.needed(self.rendered.steps, [target]))[target.id]
         metric_steps = launch.needed(self.rendered.steps, [metric])
         heads = inputs.num_kv if calibrator.per_head else 1
@@ -128,80 +167,3 @@ class TritonPolicy(TorchPolicy):
         run.temperatures[(cal.name, layer)] = result.temperature
         run.fit_errors[(cal.name, layer)] = result.error
         return result
-
-    # ------------------------------------------------------------- pieces
-
-    def _select(self, sel, scores, candidates, protected, valid, count_for) -> torch.Tensor:
-        mod = self.kernels
-        if isinstance(sel, (ir.First, ir.Last)):
-            return torch.zeros_like(valid)  # in `protected` already
-        if isinstance(sel, ir.SelectUnion):
-            out = torch.zeros_like(valid)
-            for part in sel.parts:
-                out |= self._select(part, scores, candidates, protected, valid, count_for)
-            return out
-        if isinstance(sel, ir.TopK):
-            return launch.top_k(mod, scores(sel.score), candidates, count_for(sel.count))
-        if isinstance(sel, ir.TopP):
-            limit = count_for(sel.limit) if sel.limit is not None else None
-            return launch.top_p(mod, scores(sel.score), candidates, protected, valid, sel.p, limit)
-        return launch.threshold(mod, scores(sel.score), candidates, sel.operator, sel.value)
-
-    def _protected_kernels(self, layer: int, inputs: LayerInputs):
-        protected = torch.zeros_like(inputs.valid)
-        applies = torch.zeros(inputs.num_kv, dtype=torch.bool)
-        for keep in self.ir.keeps:
-            if not self._keep_applies(keep, layer):
-                continue
-            heads = self._head_mask(keep)
-            applies |= heads
-            for part in _positional_parts(keep.select):
-                mask = launch.positional(self.kernels, isinstance(part, ir.First), part.count, inputs.valid, inputs.key_pos)
-                protected |= mask & heads[:, None]
-        if self.ir.cascade:
-            applies[:] = True
-        return protected, applies
-
-    def _merge_kernels(self, merge, scores, inputs: LayerInputs, kept):
-        if merge is None:
-            return None
-        weights = scores(merge.weight) if merge.weight is not None else None
-        return launch.merge_evicted(self.kernels, inputs.keys, inputs.values, inputs.valid, kept, weights, merge.into)
-
-    def _cascade_kernels(self, run, layer: int, inputs: LayerInputs, scores, protected) -> LayerDecision:
-        """TorchPolicy._cascade's rule (tiers due at compression c take their
-        source's tokens and their own, a select keeps the chosen and the
-        protected), with selections and merges by kernel."""
-        count = run.compressions[layer]
-        tiers = inputs.tiers.clone() if inputs.tiers is not None else torch.zeros_like(inputs.key_pos)
-        names = [t.name for t in self.ir.cascade]
-        kept = inputs.valid.clone()
-        physical, values = False, None
-        for index, tier in enumerate(self.ir.cascade[1:], start=1):
-            if (count - 1) % tier.every:
-                continue
-            members = kept & ((tiers == names.index(tier.source)) | (tiers == index))
-            if tier.select is not None:
-                chosen = self._select(tier.select, scores, members & ~protected, protected, inputs.valid, lambda n: n)
-                stay = chosen | (members & protected)
-                if tier.merge is not None:
-                    values = self._merge_kernels(tier.merge, scores, inputs, kept & ~(members & ~stay))
-                kept &= ~(members & ~stay)
-                members = stay
-            tiers = torch.where(members, torch.full_like(tiers, index), tiers)
-            physical |= tier.layout in PHYSICAL_LAYOUTS
-        return LayerDecision(kept=kept, physical=physical, values=values, tiers=tiers)
-
-
-def _positional_only(sel) -> bool:
-    if isinstance(sel, ir.SelectUnion):
-        return all(_positional_only(p) for p in sel.parts)
-    return isinstance(sel, (ir.First, ir.Last))
-
-
-def _positional_parts(sel) -> list:
-    if isinstance(sel, (ir.First, ir.Last)):
-        return [sel]
-    if isinstance(sel, ir.SelectUnion):
-        return [q for part in sel.parts for q in _positional_parts(part)]
-    return []

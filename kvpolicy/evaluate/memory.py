@@ -30,7 +30,7 @@ from typing import Callable
 from kvpolicy import ir
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.errors import KvpolicyError
-from kvpolicy.plan import lower
+from kvpolicy.program import sized_by_scores, storage_layout
 
 TOLERANCE_ABS, TOLERANCE_REL = 0.005, 0.03
 MAX_PROBES = 7
@@ -70,19 +70,9 @@ def tolerance(target: float) -> float:
 # ----------------------------------------------------------------- classify
 
 
-def _selections(sel) -> list:
-    if sel is None:
-        return []
-    if isinstance(sel, ir.SelectUnion):
-        return [s for part in sel.parts for s in _selections(part)]
-    return [sel]
-
-
 def input_dependent(policy_ir: ir.Policy) -> bool:
     """True when how many tokens a layer holds depends on the input."""
-    sels = [s for k in policy_ir.keeps for s in _selections(k.select)]
-    sels += [s for t in policy_ir.cascade for s in _selections(t.select)]
-    if any(isinstance(s, (ir.TopP, ir.Threshold)) for s in sels):
+    if sized_by_scores(policy_ir):
         return True
     return any(k.per == "layer" for k in policy_ir.keeps) or any(t.per == "layer" for t in policy_ir.cascade)
 
@@ -246,7 +236,7 @@ def plan_search(label: str, policy, fraction: float, context: int, measure_polic
     name = knob(policy)
     steps: list[str] = []
     fixed: dict = {}
-    per_head_bytes = lower(policy.ir).storage_layout == "flatten_sum"
+    per_head_bytes = storage_layout(policy.ir) == "flatten_sum"
     if name == "budget" and has_p and per_head_bytes:
         # Each head pays only for its own tokens: the budget is the fixed
         # policies' one (hardkv's cap 2 x budget + window lets a diffuse head
