@@ -146,13 +146,19 @@ def _slim(out: dict) -> dict:
 # ----------------------------------------------------------------- tables
 
 
+def _in_order(runs: dict) -> dict:
+    """full first, then the policies in POLICIES' order, then any others."""
+    rank = {name: index for index, name in enumerate(POLICIES)}
+    return dict(sorted(runs.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
 def speed_table(results: dict, context: int) -> list[str]:
-    runs = {key.split("/")[2]: entry for key, entry in results["runs"].items() if key.startswith(f"speed/{context}/")}
+    runs = _in_order({key.split("/")[2]: entry for key, entry in results["runs"].items() if key.startswith(f"speed/{context}/")})
     if not runs:
         return []
     full = runs.get("full", {}).get("result")
@@ -179,7 +185,7 @@ def speed_table(results: dict, context: int) -> list[str]:
 
 
 def capacity_table(results: dict, context: int) -> list[str]:
-    runs = {key.split("/")[2]: entry for key, entry in results["runs"].items() if key.startswith(f"capacity/{context}/")}
+    runs = _in_order({key.split("/")[2]: entry for key, entry in results["runs"].items() if key.startswith(f"capacity/{context}/")})
     if not runs:
         return []
     full = runs.get("full", {}).get("result")
