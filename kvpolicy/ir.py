@@ -16,6 +16,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .ops import LAYOUTS, POLICY_LAYOUTS, STORES  # the one home of these names
+
 IR_VERSION = 1
 
 Unit = Literal["tokens", "steps", "prob", "int", "float"]
@@ -215,8 +217,8 @@ class Tier(Node):
     every: int = 1
     select: Selection | None = None
     per: Literal["kv_head", "layer"] = "kv_head"
-    layout: Literal["contiguous", "mask", "flatten_max", "flatten_sum"] = "contiguous"
-    store: Literal["native", "fp16", "bf16", "int8", "int4"] = "native"
+    layout: Literal[LAYOUTS] = "contiguous"
+    store: Literal[STORES] = "native"
     cap: int | None = None
     merge: Merge | None = None
 
@@ -239,7 +241,7 @@ class Policy(Node):
     # How compaction stores kept tokens (a cascade's tiers give their own):
     # flatten_max pads every kv head of a layer to its fullest head;
     # flatten_sum holds each head's tokens back to back, bytes = sum of counts.
-    layout: Literal["flatten_max", "flatten_sum"] = "flatten_max"
+    layout: Literal[POLICY_LAYOUTS] = "flatten_max"
 
     @property
     def compresses(self) -> bool:

@@ -370,22 +370,35 @@ class ExprChecker:
         if role == "count":
             return Typed("count", ir.Apply(fn=builtin.name, args=(tensors[0].ir,), options=options), query_span=query_span, uses=uses)
         if role == "selection":
-            score = tensors[0]
-            if builtin.name == "top_k":
-                sel, most = ir.TopK(score=score.ir, count=values["k"]), values["k"]
-            else:
-                limit = values["limit"] if values["limit"] != -1 else None
-                floor = values["floor"] or None
-                if floor is not None and limit is not None and floor > limit:
-                    given = next(kw for kw in node.kwargs if kw.name == "floor") if any(kw.name == "floor" for kw in node.kwargs) else node
-                    return self.error(given.span, f"top_p's floor ({fmt_number(floor)}) is more than its limit ({fmt_number(limit)}): "
-                                                  "a head would have to keep more than it may")
-                sel, most = ir.TopP(score=score.ir, p=values["p"], limit=limit, floor=floor), limit
+            built = SELECTION_IR[builtin.name](self, node, tensors[0].ir, values)
+            if built is None:
+                return ERROR  # reported
+            sel, most = built
             return Typed("selection", sel, max_tokens=most, query_span=query_span, uses=uses)
         if role == "layer_shape":
             return Typed("layer_shape", ir.LayerShape(kind=builtin.name, **{k: float(v) for k, v in options.items()}))
         assert role == "solver"
         return Typed("solver", ir.Solver(kind=builtin.name, **options))
+
+
+def _top_k_ir(checker, node: ast.Call, score, values: dict):
+    return ir.TopK(score=score, count=values["k"]), values["k"]
+
+
+def _top_p_ir(checker, node: ast.Call, score, values: dict):
+    limit = values["limit"] if values["limit"] != -1 else None
+    floor = values["floor"] or None
+    if floor is not None and limit is not None and floor > limit:
+        given = next((kw for kw in node.kwargs if kw.name == "floor"), node)
+        checker.error(given.span, f"top_p's floor ({fmt_number(floor)}) is more than its limit ({fmt_number(limit)}): "
+                                  "a head would have to keep more than it may")
+        return None
+    return ir.TopP(score=score, p=values["p"], limit=limit, floor=floor), limit
+
+
+# A callable selection of ops.OPS -> (checker, call, score IR, argument values)
+# -> (IR selection, most tokens it keeps) or None after an error.
+SELECTION_IR: dict[str, Callable] = {"top_k": _top_k_ir, "top_p": _top_p_ir}
 
 
 def _tidy(value: float | None):

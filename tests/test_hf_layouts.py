@@ -8,7 +8,8 @@ import torch
 
 import kvpolicy
 from kvpolicy.backends.hf import decoding
-from kvpolicy.backends.hf.cache import PolicyCache, PolicyLayer
+from kvpolicy.backends.hf.cache import PolicyCache
+from kvpolicy.backends.hf.layer import PolicyLayer
 from kvpolicy.policy import read_source
 
 LAYOUTS = ("flatten_max", "flatten_sum")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import PolicyLayer
+from .layer import PolicyLayer
 from .quantized import BITS, Quantized, dequantize, quantize_keys, quantize_values
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
