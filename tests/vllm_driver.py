@@ -2,8 +2,8 @@
 one JSON line (`RESULT {...}`). One process per engine: vLLM keeps global
 state (the KV connector agent, the attention backend cache) per process.
 
-    python tests/vllm_driver.py '{"policy": "snapkv", "params": {...}, "engine": {...},
-                                  "texts": [...], "max_tokens": 20, "soak": {...}}'
+    python tests/vllm_driver.py '{"policy": "snapkv", "params": {...}, "backend": "torch", "engine": {...},
+                                  "texts": [...], "max_tokens": 20, "usage_probe": {...}, "soak": {...}}'
 """
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ def _engine(spec):
                   max_model_len=1024, max_num_seqs=8, seed=0)
     kwargs.update(spec.get("engine", {}))
     if spec.get("policy"):
-        kwargs["additional_config"] = {"kvpolicy": {"policy": spec["policy"], "params": spec.get("params", {})}}
+        entry = {"policy": spec["policy"], "params": spec.get("params", {})}
+        if "backend" in spec:
+            entry["backend"] = spec["backend"]
+        kwargs["additional_config"] = {"kvpolicy": entry}
     return LLM(**kwargs)
 
 
@@ -54,6 +57,31 @@ def _generate(llm, spec, out):
     out["stats"] = [(r.kv_transfer_params or {}).get("kvpolicy") for r in results]
     # the engine core knows a request by its id plus a suffix vLLM adds
     out["events"] = [next((e for k, e in events.items() if k == r.request_id or k.startswith(r.request_id + "-")), None) for r in results]
+
+
+def _gauge(llm, name: str) -> float:
+    return next(metric.value for metric in llm.get_metrics() if metric.name == name)
+
+
+def _usage_probe(llm, spec, out):
+    """One request alone: after each step, vLLM's own KV-cache usage metric
+    (the `vllm:kv_cache_usage_perc` gauge, as its Prometheus logger recorded
+    it) beside the blocks the scheduler's block list holds for the request."""
+    from vllm import SamplingParams
+
+    probe = spec["usage_probe"]
+    engine, scheduler = llm.llm_engine, _scheduler(llm)
+    blocks = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
+    ids = llm.get_tokenizer()(spec["texts"][probe["text"]]).input_ids
+    engine.add_request("usage-probe", {"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=probe["max_tokens"], ignore_eos=True))
+    steps = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        request = next((r for r in scheduler.running if r.request_id.startswith("usage-probe")), None)
+        held = sum(1 for b in blocks.get(request.request_id, ()) if not b.is_null) if request is not None else 0
+        steps.append({"usage": _gauge(llm, "vllm:kv_cache_usage_perc"), "held": held,
+                      "computed": request.num_computed_tokens if request is not None else None})
+    out["usage_probe"] = {"steps": steps, "usable_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1, "prompt_len": len(ids)}
 
 
 def _soak(llm, soak, out):
@@ -108,6 +136,12 @@ def main() -> None:
     out = {}
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
         out["num_blocks"] = _scheduler(llm).kv_cache_manager.block_pool.num_gpu_blocks
+        if spec.get("policy"):
+            from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+            out["engine_class"] = type(get_kv_transfer_group().engine).__name__  # what kvpolicy.backends.compile built
+    if spec.get("usage_probe"):
+        _usage_probe(llm, spec, out)
     if spec.get("texts"):
         _generate(llm, spec, out)
     if spec.get("soak"):

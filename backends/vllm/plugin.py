@@ -5,7 +5,9 @@ by an engine that has a policy, overrides the CPU attention backend before
 the model is built. With no policy configured nothing else changes.
 
 A refusal at startup that nobody catches (e.g. the OpenAI server started
-with a bad policy) prints its message alone and exits 1, not a traceback."""
+with a bad policy) prints its message alone (the checker's FILE:LINE:COL
+report for a policy that fails to check) and exits 1, not a traceback; one
+raised in vLLM's engine-core process reaches process 0 first (vllm032.py)."""
 from __future__ import annotations
 
 import os
@@ -24,13 +26,15 @@ def register() -> None:
 def _install_excepthook() -> None:
     from kvpolicy.errors import KvpolicyError
 
+    from .vllm032 import one_line
+
     previous = sys.excepthook
     if getattr(previous, "_kvpolicy", False):
         return
 
     def hook(kind, error, trace):
         if isinstance(error, KvpolicyError):
-            print(f"error: {error}", file=sys.stderr)
+            print(one_line(error), file=sys.stderr)
             sys.stderr.flush()
             os._exit(1)  # the server's other threads would keep the process alive
         previous(kind, error, trace)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpolicy.backends.torch import LayerInputs, TorchPolicy
+from kvpolicy.backends.torch import LayerInputs
 from kvpolicy.runtime import blocks
 
 from .paged_cpu import PageLayout
@@ -34,6 +34,7 @@ class RequestState:
     region_tiers: torch.Tensor | None = None  # the same slots' cascade tiers (cascade policies; later slots are tier 0)
     prefilled: bool = False
     selected: list[int] = field(default_factory=list)  # per layer: the largest per-head selection at the last event
+    selected_mean: list[float] = field(default_factory=list)  # per layer: the mean per-head selection (what a per-head cache would hold)
     events: int = 0
 
     def physical(self, logical: int, block_size: int) -> int:
@@ -52,26 +53,33 @@ class StepRow:
 
 
 class Compressor:
-    """Runs a compiled policy on requests whose KV lives in paged caches."""
+    """Runs a compiled policy on requests whose KV lives in paged caches.
 
-    def __init__(self, engine: TorchPolicy, block_size: int, layout: PageLayout):
+    `engine` is what kvpolicy.backends.compile returns (any backend): used
+    through new_sequence / observe / due / compress_layer, and its lowered
+    `program` for what the policy observes and when it compresses."""
+
+    def __init__(self, engine, block_size: int, layout: PageLayout):
         self.engine = engine
+        self.program = engine.program
         self.block_size = block_size
         self.layout = layout
-        self.decode_observes = any(t.kind != "prefill" for t in engine.ir.triggers)
+        self.decode_observes = any(t.kind != "prefill" for t in self.program.policy.triggers)
+        self.cascade = bool(self.program.policy.cascade)
+        self.shape = self.program.shape
 
     def new_state(self, req_id: str, prompt_len: int, prefill_end: int) -> RequestState:
         return RequestState(req_id, prompt_len, prefill_end, self.engine.new_sequence())
 
     def wants_queries(self, row: StepRow) -> bool:
         """Whether this step's queries of the row go into the observed window."""
-        if not self.engine.plan.observe_window:
+        if not self.program.observe_window:
             return False
         return not row.state.prefilled or self.decode_observes
 
     def observe(self, row: StepRow, layer: int, query: torch.Tensor) -> None:
         """query [tokens, Hq, D] of the whole batch (post-RoPE)."""
-        window = self.engine.plan.observe_window
+        window = self.program.observe_window
         lo = max(row.query_start, row.query_end - window)
         positions = torch.arange(row.logical - (row.query_end - lo), row.logical)
         self.engine.observe(row.state.run, layer, query[lo:row.query_end].transpose(0, 1).float(), positions)
@@ -98,13 +106,14 @@ class Compressor:
             return None
         slot_block, slot_offset = self._slots(row.block_ids, state.dropped * bs, logical)
         key_pos = self._positions(state, logical)  # [layers, Hkv, physical]
-        tiers = self._tiers(state, key_pos) if engine.ir.cascade else None
+        tiers = self._tiers(state, key_pos) if self.cascade else None
         valid = torch.ones(key_pos.shape[1:], dtype=torch.bool)
-        kept, selected = [], []
+        kept, selected, selected_mean = [], [], []
         for layer, cache in enumerate(caches):
             if not due[layer]:
                 kept.append(valid)
                 selected.append(physical)
+                selected_mean.append(float(physical))
                 continue
             keys, values = self.layout.read(cache, slot_block, slot_offset)
             inputs = LayerInputs(keys=keys.float(), values=values.float(), valid=valid, key_pos=key_pos[layer],
@@ -115,8 +124,10 @@ class Compressor:
             kept.append(decision.kept)
             if tiers is not None and decision.tiers is not None:
                 tiers[layer] = decision.tiers
-            selected.append(int(decision.kept.sum(dim=1).max()))
-        state.selected, state.events = selected, state.events + 1
+            per_head = decision.kept.sum(dim=1)
+            selected.append(int(per_head.max()))
+            selected_mean.append(round(float(per_head.float().mean()), 2))
+        state.selected, state.selected_mean, state.events = selected, selected_mean, state.events + 1
         kept, new_physical = blocks.apply(kept, list(key_pos), [valid] * len(caches), logical, physical, bs)
         if new_physical == physical:
             if tiers is not None:  # nothing moves, but tokens changed tier: the whole region is now described
@@ -152,7 +163,7 @@ class Compressor:
 
     def _positions(self, state: RequestState, logical: int) -> torch.Tensor:
         """[layers, Hkv, physical] logical position held in each physical slot."""
-        layers, heads = self.engine.shape.num_layers, self.engine.shape.num_kv_heads
+        layers, heads = self.shape.num_layers, self.shape.num_kv_heads
         tail = torch.arange(state.compacted_at if state.region_pos is not None else state.dropped * self.block_size, logical)
         tail = tail.expand(layers, heads, -1)
         if state.region_pos is None:

