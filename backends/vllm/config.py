@@ -72,10 +72,9 @@ def parse(additional_config) -> Settings | None:
 def compile_for(settings: Settings, shape):
     """The policy compiled once for the model's shape, through the public
     backend entry point (positioned errors if it does not fit the model)."""
-    engine = compile_policy(settings.policy, shape, backend=settings.backend)
-    if type(engine).__name__ == "TritonPolicy":
+    if settings.backend == "triton":  # "auto" takes triton only where CUDA is present
         _check_triton_runs_here()
-    return engine
+    return compile_policy(settings.policy, shape, backend=settings.backend)
 
 
 def _check_triton_runs_here() -> None:
@@ -89,9 +88,9 @@ def _check_triton_runs_here() -> None:
 
     if torch.cuda.is_available() or "triton" not in sys.modules:
         return
-    import triton.language.standard as standard
+    from kvpolicy.backends.triton.interpret import helpers_interpreted
 
-    if type(standard.sum).__name__ != "InterpretedFunction":
+    if not helpers_interpreted():
         raise KvpolicyError("kvpolicy: backend 'triton' without CUDA runs in Triton's interpreter, which must be chosen before "
                             "vLLM imports triton: start the engine with TRITON_INTERPRET=1 in the environment (or use backend 'torch')")
 
