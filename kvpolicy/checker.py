@@ -494,8 +494,6 @@ class _Checker:
                 if prefill_seen:
                     self.error(t.span, "'at prefill' is given twice")
                 prefill_seen = True
-                triggers.append(ir.Trigger(kind="prefill"))
-                continue
             every = self.expr.expect_number(t.every, "steps", "every") if t.every is not None else None
             min_length = None
             if t.guard is not None:
@@ -617,9 +615,22 @@ class _Checker:
             self.error(compress.span, "compress has nothing to do: no keep rule or cascade selects tokens")
         if compress is not None and not out["triggers"] and not self.errors:
             self.error(compress.span, "compress needs at least one trigger")
+        if cascade is not None and any(t.kind != "prefill" for t in out["triggers"]):
+            self._repeated_tier_caps(cascade)
         cap = out["cap"]
         if cap is not None and keeps:
             self._check_cap([t for _, t in keeps], cap, cap_stmt.span, "cap", by_layer=[k.by_layer if k else None for k, _ in keeps], per=[k.per if k else "kv_head" for k, _ in keeps])
+
+    def _repeated_tier_caps(self, cascade: ast.Cascade) -> None:
+        """A later tier without a select keeps every token it takes and takes its
+        source's at each of its compressions, so once the policy compresses
+        while decoding it grows without bound: a cap on it cannot hold."""
+        for index, tier in enumerate(cascade.tiers):
+            kinds = {clause.kind: clause for clause in tier.clauses}
+            if index > 0 and "cap" in kinds and "select" not in kinds:
+                self.error(kinds["cap"].span, f"tier {tier.name.name} has a cap but no select: it keeps every token it takes, "
+                                              "and this policy compresses while decoding, so it outgrows the cap; "
+                                              "add 'select ...' to the tier (or compress only at prefill)")
 
     def _check_cap(self, selections: list[Typed], cap: int, span: Span, what: str, protected: int = 0, by_layer=None, per=None) -> None:
         """A keep set that can exceed its cap is an error, not a silent truncation."""

@@ -62,7 +62,7 @@ def _tokens(n: int) -> str:
 def _trigger_text(t: ir.Trigger) -> str:
     guard = f" once a head holds {t.min_length} tokens or more" if t.min_length is not None else ""
     if t.kind == "prefill":
-        return "right after prefill"
+        return f"right after prefill{guard}"
     if t.kind == "every":
         return f"every {t.every} decode step{'s' if t.every != 1 else ''}{guard}"
     return f"at any step{guard}"

@@ -139,9 +139,9 @@ def _keep_clause(c: ast.KeepClause) -> str:
 
 
 def _trigger(t: ast.Trigger) -> str:
-    if t.kind == "prefill":
-        return "at prefill"
     guard = f"when length {t.guard_op} {_expr(t.guard)}" if t.guard is not None else ""
+    if t.kind == "prefill":
+        return "at prefill" + (f" {guard}" if guard else "")
     if t.kind == "when":
         return guard
     return f"every {_expr(t.every)} steps" + (f" {guard}" if guard else "")

@@ -410,7 +410,8 @@ class _ToAst(Transformer):
         return ast.Compress(tuple(c), _span(meta))
 
     def at_prefill(self, meta, c):
-        return ast.Trigger("prefill", None, None, None, _span(meta))
+        op, guard = c[0] if c[0] is not None else (None, None)
+        return ast.Trigger("prefill", None, op, guard, _span(meta))
 
     def every_steps(self, meta, c):
         op, guard = c[1] if c[1] is not None else (None, None)

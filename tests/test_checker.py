@@ -254,6 +254,23 @@ def test_accumulated_state_needs_no_observe():
     assert ir.states[0].decay == 0.9 and ir.triggers[0].min_length == 65
 
 
+def test_prefill_trigger_takes_a_length_guard():
+    ir = kvpolicy.compile_text(edited(SNAP, "compress at prefill", "compress at prefill when length > budget + window"))
+    assert [(t.kind, t.min_length) for t in ir.triggers] == [("prefill", 1024 + 32 + 1)]
+    ir = kvpolicy.compile_text(edited(SNAP, "compress at prefill", "compress at prefill when length >= budget, every 8 steps"))
+    assert [(t.kind, t.every, t.min_length) for t in ir.triggers] == [("prefill", None, 1024), ("every", 8, None)]
+
+
+def test_prefill_guard_must_be_a_lower_bound():
+    text = edited(SNAP, "compress at prefill", "compress at prefill when length < budget")
+    assert_error_at(text, "at prefill when", "compress when length > N (or >= N): compression is for long sequences")
+
+
+def test_prefill_guard_is_in_tokens():
+    text = edited(SNAP, "compress at prefill", "compress at prefill when length > p")
+    assert_error_at(text, "p\n", "the length bound expects a count in tokens, got a prob (p)")
+
+
 def test_second_observe_statement():
     text = edited(SNAP, "observe queries last window", "observe queries last window\nobserve queries last 8")
     assert_error_at(text, "observe queries last 8", "at most one 'observe' statement (the first is on line 5)")
@@ -373,7 +390,7 @@ keep sink = first 1
 cascade {
   tier dense: new
   tier sparse: from dense, select top_k(s, budget), layout mask
-  tier condensed: from sparse every 2 compressions, layout flatten_max, cap 2 * budget
+  tier condensed: from sparse every 2 compressions, select top_k(s, budget), layout flatten_max, cap 2 * budget
 }
 compress every 16 steps
 """
@@ -410,6 +427,14 @@ def test_duplicate_tier():
 def test_tier_cap_exceeded():
     text = edited(CASCADE, "cap 2 * budget", "cap 2 * budget\n  tier last: from condensed, select top_k(s, 100), cap 50")
     assert_error_at(text, "cap 50", "more than tier cap 50")
+
+
+def test_tier_without_select_cannot_keep_its_cap_while_decoding():
+    unbounded = CASCADE.replace("select top_k(s, budget), layout flatten_max", "layout flatten_max")
+    text = policy_text(unbounded)
+    assert_error_at(text, "cap 2 * budget", "tier condensed has a cap but no select")
+    once = policy_text(unbounded.replace("compress every 16 steps", "compress at prefill"))
+    assert kvpolicy.compile_text(once).cascade[2].select is None  # compressed once, it holds what its source selected
 
 
 def test_scored_keep_outside_the_cascade():

@@ -57,3 +57,11 @@ def test_long_tier_wraps_after_a_comma():
     tier_lines = [line for line in text.splitlines() if line.strip().startswith("tier sparse")]
     assert all(len(line) <= formatter.WIDTH for line in text.splitlines())
     assert tier_lines and tier_lines[0].rstrip().endswith(",")
+
+
+def test_prefill_guard_round_trips():
+    text = 'policy t "" {\n  param budget: tokens = 8\n  keep k = last budget\n  compress at prefill when length>budget+1, every 4 steps\n}\n'
+    out = fmt(text)
+    assert "  compress at prefill when length > budget + 1, every 4 steps\n" in out and fmt(out) == out
+    assert kvpolicy.compile_text(out) == kvpolicy.compile_text(text)
+    assert kvpolicy.compile_text(out).triggers[0].min_length == 10
