@@ -127,9 +127,10 @@ def test_top_p_uncalibrated_and_calibrated():
     assert cal.scope == ("layer", "kv_head") and cal.init == 0.5 and cal.clamp == (0.001, 10)
     assert cal.solver == ir.Solver(kind="adam", lr=0.01, steps=50, tol=0.01)
     assert cal.target.fn == "top_p_count" and cal.target.options["p"] == 0.9
-    (top_p,) = selections(hard, ir.TopP)
+    # the sparse tier's selection, and the condensed tier's re-selection at each rewrite
+    sparse, condensed = selections(hard, ir.TopP)
     assert ir.Ref(name="T", kind="calibration") in list(walk(hard.scores["s"]))
-    assert top_p.limit == 2 * 1024 - 1
+    assert sparse.limit == condensed.limit == 2 * 1024 - 1 and sparse.p == condensed.p == 0.9
 
 
 def test_threshold_selection():

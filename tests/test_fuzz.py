@@ -150,6 +150,7 @@ class Ctx:
     tensors: list = field(default_factory=list)  # scores and states: E of a Name
     calibrations: list = field(default_factory=list)  # names of calibrated scalars
     comments: list = field(default_factory=list)
+    prefill_only: bool = False  # a later tier has a cap but no select: it only holds if nothing compresses while decoding
 
     def fresh(self, draw, prefix: str = "") -> str:
         base = draw(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True))
@@ -509,6 +510,8 @@ def merge_tokens(draw, ctx: Ctx) -> list[str]:
 def compress_statement(draw, ctx: Ctx) -> list[str]:
     triggers: list[list[str]] = []
     kinds = draw(st.lists(st.sampled_from(["prefill", "every", "when"]), min_size=1, max_size=3))
+    if ctx.prefill_only:
+        kinds = ["prefill"]
     if kinds.count("prefill") > 1:
         kinds = ["prefill"] + [k for k in kinds if k != "prefill"]
     for kind in kinds:
@@ -553,6 +556,7 @@ def cascade_statement(draw, ctx: Ctx, protected: int) -> list[str]:
                 clauses.append(["cap", *cap_for(draw, protected + sel.max_tokens, sel.protected, scored, protected).toks])
         elif capped:
             clauses.append(["cap", *number(draw, ctx, "tokens", low=1, fallback=64).toks])
+            ctx.prefill_only = ctx.prefill_only or i > 0
         if draw(st.booleans()):
             clauses.append(["layout", draw(st.sampled_from(["contiguous", "mask", "flatten_max", "flatten_sum"]))])
         if draw(st.booleans()):
