@@ -56,6 +56,43 @@ def test_events_fire_at_r_kv_schedule_and_peak_is_budget_plus_buffer(smollm2, pr
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("name, params", [
+    ("snapkv_decode", {"budget": 24, "buffer": 16, "window": 8}),  # `when length >=`, flatten_max
+    ("hardkv_decode", {"budget": 16, "interval": 20, "window": 8}),  # `every N steps`, flatten_sum, calibrated top-p
+    ("hardkv", {"budget": 16, "interval": 20, "window": 8}),  # a cascade: masks, then rewrites
+    ("kivi", {}),  # int4 tiers
+])
+def test_chunked_teacher_forcing_is_one_forward_per_token(smollm2, prose, name, params):
+    """score() feeds the tokens between two compressions in one forward; it
+    must compress at the same steps, hold the same bytes at every step and
+    score like one forward per token. Not bit for bit: a chunk's matmuls
+    round differently, and a calibrated top-p can then swap a token at the
+    edge of its set, so the scores are compared by KL."""
+    model, _ = smollm2
+    policy = kvpolicy.load(name, **params)
+    prompt, continuation = torch.tensor([prose.prompt_ids]), list(prose.answer_ids)
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        chunked = kvpolicy.hf.score(model, prompt, continuation, policy=policy)
+    finally:
+        hook.remove()
+    stepwise = kvpolicy.hf.score(model, prompt, continuation, policy=policy, stepwise=True)
+    a, b = chunked.stats, stepwise.stats
+    assert b.compressions > 1 and a.compression_steps == b.compression_steps
+    assert len(forwards) <= 2 + len(b.compression_steps) + len(continuation) // 256  # the prefill, then a forward per chunk
+    for field in ("kept", "kv_bytes", "peak_kv_bytes", "mean_kv_bytes", "mean_kv_bytes_full"):
+        assert getattr(a, field) == getattr(b, field), field
+    full = kvpolicy.hf.score(model, prompt, continuation, policy="full").logprobs
+
+    def kl(ref, out):
+        return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+    assert kl(stepwise.logprobs, chunked.logprobs) < 1e-3
+    assert kl(full, chunked.logprobs) == pytest.approx(kl(full, stepwise.logprobs), rel=0.01)
+
+
+@pytest.mark.model
 def test_every_n_steps_events_fire_at_multiples_of_n(smollm2, prose):
     stats = run(smollm2, prose, kvpolicy.load("adakv_decode", budget=24, buffer=20, window=8))
     steps = len(prose.answer_ids) - 1

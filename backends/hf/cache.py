@@ -96,6 +96,20 @@ class PolicyCache(Cache):
         for layer, layer_kept, layer_tiers in zip(self.layers, kept, tiers):
             layer.apply(layer_kept, True, None, layer_tiers)
 
+    def steps_until_due(self, step: int, limit: int) -> int:
+        """How many decode tokens, from decode step `step` on, can be appended
+        in one forward before a layer is due to compress (the last of them may
+        be): appending j tokens without compressing makes every head of a
+        layer hold j more, so the schedule is known ahead. At most `limit`."""
+        if not self.engine.plan.compresses:
+            return limit
+        held = [layer.held() for layer in self.layers]
+        for ahead in range(1, limit):
+            if any(layer.physical and self.engine.due(self.run, index, "decode", held[index] + ahead, step + ahead - 1)
+                   for index, layer in enumerate(self.layers)):
+                return ahead
+        return limit
+
     def settle(self) -> None:
         """Carry out deferred compactions now (timed as compression)."""
         start = time.perf_counter()
@@ -114,3 +128,7 @@ class PolicyCache(Cache):
     def kv_bytes_full(self) -> int:
         """What a full cache would hold for the same tokens."""
         return sum(layer.bytes_per_token() * layer.logical for layer in self.layers if layer.logical)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one more token adds to every layer (every head appends it)."""
+        return sum(layer.bytes_per_token() for layer in self.layers)

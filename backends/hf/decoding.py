@@ -110,16 +110,23 @@ def generate(model, tok, prompt, policy=None, max_new_tokens: int = 32, chat: bo
 
 
 @torch.inference_mode()
-def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None, prefilled=None, backend: str = "torch") -> Scored:
+def score(model, prompt_ids: torch.Tensor, continuation: list[int], policy=None, prefilled=None, backend: str = "torch",
+          stepwise: bool = False) -> Scored:
     """Feed `continuation` after the prompt (teacher forcing) under a policy,
-    compressing on its schedule, and return the model's log-probabilities."""
+    compressing on its schedule, and return the model's log-probabilities.
+    The tokens between two compressions go in one forward (the schedule is
+    known ahead: cache.steps_until_due), which computes what one forward per
+    token does, to float rounding; `stepwise` feeds them one at a time."""
     if not continuation:
         raise ValueError("score needs at least one continuation token")
+    engine, ids = prepare(model, policy, backend), encode(None, prompt_ids, False)
+    if stepwise:
+        def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
+            return continuation[step - 1], step == len(continuation)
 
-    def choose(step: int, logits: torch.Tensor) -> tuple[int, bool]:
-        return continuation[step - 1], step == len(continuation)
-
-    _, logits, stats = _decode(model, prepare(model, policy, backend), encode(None, prompt_ids, False), choose, True, prefilled)
+        _, logits, stats = _decode(model, engine, ids, choose, True, prefilled)
+    else:
+        logits, stats = _teacher_forced(model, engine, ids, list(continuation), prefilled)
     return Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
 
 
@@ -139,9 +146,34 @@ def trace(model, prompt_ids: torch.Tensor, length: int, policy=None, prefilled=N
     return tokens, Scored(logprobs=torch.log_softmax(torch.stack(logits).float(), dim=-1), stats=stats)
 
 
-def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool, prefilled=None, block_size=None):
-    """Prefill (or fork a shared one), compress, then one token at a time:
-    `choose(step, logits)` gives (token, last?) for step 1, 2, ..."""
+CHUNK = 256  # teacher-forced tokens in one forward at most: bounds its [n, vocab] logits
+
+
+@dataclass
+class _Tally:
+    """Bytes held over the decode steps: the peak, and the sums for the means."""
+
+    peak: int
+    held_sum: int = 0
+    full_sum: int = 0
+    steps: int = 0
+    compression_steps: list = field(default_factory=list)
+
+    def step(self, held: int, full: int) -> None:
+        self.peak = max(self.peak, held)
+        self.held_sum, self.full_sum, self.steps = self.held_sum + held, self.full_sum + full, self.steps + 1
+
+    def compress(self, cache, step: int) -> None:
+        """Compress what is due after decode step `step`, then count the step."""
+        events = cache.compressions
+        cache.compress("decode")
+        if cache.compressions > events:
+            self.compression_steps.append(step)
+        self.step(cache.kv_bytes(), cache.kv_bytes_full())  # flatten_max frees dropped slots only at the next append
+
+
+def _start(model, engine: TorchPolicy, input_ids: torch.Tensor, prefilled, block_size):
+    """Prefill (or fork a shared one) and compress: (cache, last logits, seconds)."""
     options = [] if prefilled is None else list(prefilled) if isinstance(prefilled, (list, tuple)) else [prefilled]
     if any(not torch.equal(option.prompt_ids, input_ids) for option in options):
         raise ValueError("the shared prefill is of another prompt")
@@ -154,14 +186,45 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
         with attention.active(cache):
             last_logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
         cache.compress("prefill")
-    prefill_seconds = time.perf_counter() - start + (prefilled.seconds if prefilled is not None else 0.0)
+    return cache, last_logits, time.perf_counter() - start + (prefilled.seconds if prefilled is not None else 0.0)
+
+
+def _teacher_forced(model, engine: TorchPolicy, input_ids: torch.Tensor, continuation: list[int], prefilled=None):
+    """score()'s loop: decode steps step..step+n-1 in one forward whenever
+    no layer is due to compress before the last of them. Between two
+    compressions each step adds the same bytes (one token in every head), so
+    the steps inside a chunk are counted from the bytes at its end."""
+    cache, last_logits, prefill_seconds = _start(model, engine, input_ids, prefilled, None)
+    logits = [last_logits]
+    with attention.active(cache):
+        tally = _Tally(peak=cache.kv_bytes())
+        decode_start, compress_before = time.perf_counter(), cache.compress_seconds
+        step, last = 1, len(continuation)  # step s feeds continuation[s - 1]; the last token is only predicted
+        while step < last:
+            n = cache.steps_until_due(step, min(CHUNK, last - step))
+            cache.run.decode_step = step + n - 1
+            out = model(input_ids=torch.tensor([continuation[step - 1 : step - 1 + n]]), past_key_values=cache, use_cache=True)
+            logits.extend(out.logits[0])
+            held, full, per_token = cache.kv_bytes(), cache.kv_bytes_full(), cache.bytes_per_token()
+            for behind in range(n - 1, 0, -1):  # the chunk's earlier steps, none of which compressed
+                tally.step(held - behind * per_token, full - behind * per_token)
+            tally.peak = max(tally.peak, held)  # the new tokens are held before any compression frees memory
+            tally.compress(cache, step + n - 1)
+            step += n
+        cache.settle()  # a compaction deferred to the next append that never came
+        decode_seconds = time.perf_counter() - decode_start
+    return logits, _stats(cache, input_ids, len(continuation), tally, prefill_seconds, decode_seconds, compress_before)
+
+
+def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_logits: bool, prefilled=None, block_size=None):
+    """Prefill (or fork a shared one), compress, then one token at a time:
+    `choose(step, logits)` gives (token, last?) for step 1, 2, ..."""
+    cache, last_logits, prefill_seconds = _start(model, engine, input_ids, prefilled, block_size)
     tokens: list[int] = []
     kept_logits: list[torch.Tensor] = []
     with attention.active(cache):
-        peak = cache.kv_bytes()
-        held_sum, full_sum, compression_steps = 0, 0, []
-        decode_start = time.perf_counter()
-        compress_before = cache.compress_seconds
+        tally = _Tally(peak=cache.kv_bytes())
+        decode_start, compress_before = time.perf_counter(), cache.compress_seconds
         step = 1
         while True:
             logits = last_logits
@@ -174,32 +237,29 @@ def _decode(model, engine: TorchPolicy, input_ids: torch.Tensor, choose, keep_lo
             cache.run.decode_step = step
             out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
             last_logits = out.logits[0, -1]
-            peak = max(peak, cache.kv_bytes())  # the new token is held before any compression frees memory
-            events = cache.compressions
-            cache.compress("decode")
-            if cache.compressions > events:
-                compression_steps.append(step)
-            held = cache.kv_bytes()
-            peak = max(peak, held)  # flatten_max frees dropped slots only at the next append
-            held_sum, full_sum = held_sum + held, full_sum + cache.kv_bytes_full()
+            tally.peak = max(tally.peak, cache.kv_bytes())  # the new token is held before any compression frees memory
+            tally.compress(cache, step)
             step += 1
         cache.settle()  # a compaction deferred to the next append that never came
         decode_seconds = time.perf_counter() - decode_start
-    stats = Stats(
+    return tokens, kept_logits, _stats(cache, input_ids, len(tokens), tally, prefill_seconds, decode_seconds, compress_before)
+
+
+def _stats(cache, input_ids, new_tokens: int, tally: _Tally, prefill_seconds: float, decode_seconds: float, compress_before: float) -> Stats:
+    return Stats(
         prompt_tokens=int(input_ids.shape[1]),
-        new_tokens=len(tokens),
+        new_tokens=new_tokens,
         kept=cache.kept_counts(),
         kv_bytes=cache.kv_bytes(),
         kv_bytes_full=cache.kv_bytes_full(),
-        peak_kv_bytes=peak,
+        peak_kv_bytes=tally.peak,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         compress_seconds=cache.compress_seconds,
         decode_compress_seconds=cache.compress_seconds - compress_before,
         compressions=cache.compressions,
         temperatures=dict(cache.run.temperatures),
-        mean_kv_bytes=held_sum / (step - 1) if step > 1 else float(cache.kv_bytes()),
-        mean_kv_bytes_full=full_sum / (step - 1) if step > 1 else float(cache.kv_bytes_full()),
-        compression_steps=compression_steps,
+        mean_kv_bytes=tally.held_sum / tally.steps if tally.steps else float(cache.kv_bytes()),
+        mean_kv_bytes_full=tally.full_sum / tally.steps if tally.steps else float(cache.kv_bytes_full()),
+        compression_steps=tally.compression_steps,
     )
-    return tokens, kept_logits, stats

@@ -114,10 +114,12 @@ class TorchPolicy:
             out[state.name] = torch.cat([head, tail], dim=1).masked_fill(~valid, 0.0)
         return out
 
-    def due(self, run: SequenceRun, layer: int, phase: str, held: int) -> bool:
+    def due(self, run: SequenceRun, layer: int, phase: str, held: int, decode_step: int | None = None) -> bool:
+        """Whether `layer`, holding `held` tokens (its fullest head), compresses
+        at the run's decode step (or at `decode_step`, to look ahead)."""
         if layer in self.ir.skip_layers:
             return False
-        return self.plan.due(phase, run.decode_step, held)
+        return self.plan.due(phase, run.decode_step if decode_step is None else decode_step, held)
 
     def compress_layer(self, run: SequenceRun, layer: int, inputs: LayerInputs) -> LayerDecision:
         run.compressions[layer] += 1
