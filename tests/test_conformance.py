@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kvpolicy
 from kvpolicy.backends import BACKENDS, compile
@@ -79,10 +81,10 @@ def redundancy(x, threshold=0.5):
     return out
 
 
-def pool(t, op, kernel):
+def pool(t, op, kernel):  # along the last axis, every entry held
     pad = kernel // 2
     out = torch.empty_like(t)
-    for i in range(T):
+    for i in range(t.shape[-1]):
         window = t[..., max(0, i - pad): i + pad + 1]
         out[..., i] = window.amax(-1) if op == "max" else window.sum(-1) / kernel
     return out
@@ -163,6 +165,48 @@ def test_expression(op, backend):
     x = make_inputs()
     got = BACKENDS[backend].evaluate(program, x, node, {"T": TEMPERATURE})
     torch.testing.assert_close(got.double(), formula(x).double().expand_as(got.double()), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- pooling skips holes
+
+
+def pool_held(t, valid, op, kernel):
+    """Each head's held tokens pooled as if its holes were not there: its held
+    slots, in slot order, pooled as one row (`pool` above) and put back in
+    their slots; holes stay invalid (-inf for max, 0 for mean)."""
+    out = torch.full_like(t, float("-inf") if op == "max" else 0.0)
+    for h in range(t.shape[0]):
+        slots = valid[h].nonzero()[:, 0]
+        out[h, :, slots] = pool(t[h][:, slots], op, kernel)
+    return out
+
+
+POOLS = {
+    "max": ("pool(max, 3, key_norm())", lambda x: pool_held(key_norm(x), x.valid, "max", 3)),
+    "mean": ("pool(mean, 5, value_norm())", lambda x: pool_held(value_norm(x), x.valid, "mean", 5)),
+}
+
+
+def pool_rows():
+    for backend in BACKENDS.values():
+        for op in POOLS:
+            marks = () if "pool" in backend.ops and backend.evaluate else (pytest.mark.skip(reason=f"{backend.name} lacks pool"),)
+            yield pytest.param(op, backend.name, id=f"pool-{op}-holes-{backend.name}", marks=marks)
+
+
+@pytest.mark.parametrize("op, backend", list(pool_rows()))
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(held=st.lists(st.booleans(), min_size=HKV * T, max_size=HKV * T))
+def test_pool_skips_holes(op, backend, held):
+    """A head with holes pools exactly like the same head with its holes
+    removed: a layout (where a head's tokens sit in the slots) must not change
+    a pooled score, or a re-selecting tier keeps different tokens."""
+    text, formula = POOLS[op]
+    program = lower(policy_with(text), SHAPE)
+    x = make_inputs()
+    x.valid = torch.tensor(held).reshape(HKV, T)
+    got = BACKENDS[backend].evaluate(program, x, program.scores["s"], {"T": TEMPERATURE})
+    torch.testing.assert_close(got.double(), formula(x).expand_as(got.double()), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- selections, [Hkv, T] kept masks

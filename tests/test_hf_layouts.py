@@ -129,19 +129,13 @@ def test_head_adaptive_policies_ship_flatten_sum():
 CASES = [
     ("adakv", {"budget": 96, "window": 16}, 10),  # per-layer budget, prefill only
     ("topp", {"interval": 3}, 10),  # top-p, compacting again while decoding
-    # cascade (ships flatten_sum): mask events between condensing ones. Since its condensed tier re-selects
-    # (2026-12-02, so it keeps its cap while decoding) the layouts keep different tokens: pool(max, 7) runs over
-    # slots, and after a rewrite flatten_max leaves holes between a short head's prefix and its new tokens where
-    # flatten_sum has none, so the pooled scores of the tokens next to them differ. Pooling over each head's held
-    # tokens (holes skipped) in the torch and Triton backends would restore the invariant.
-    pytest.param("hardkv", {"budget": 64, "interval": 2, "condense": 2}, 7, marks=pytest.mark.xfail(
-        strict=True, reason="pool over slots sees flatten_max's holes after a rewrite; a re-selecting tier then differs")),
+    ("hardkv", {"budget": 64, "interval": 2, "condense": 2}, 7),  # cascade (ships flatten_sum), its condensed tier re-selects
     ("h2o", {"budget": 96}, 6),  # equal counts, per-step eviction, accumulated attention
 ]
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("name,params,new", CASES, ids=[c.values[0] if hasattr(c, "values") else c[0] for c in CASES])
+@pytest.mark.parametrize("name,params,new", CASES, ids=[c[0] for c in CASES])
 def test_flatten_sum_generates_exactly_what_flatten_max_does(smollm2, caches, tmp_path, name, params, new):
     model, tok = smollm2
     ids = tok(LICENSE[:2400], return_tensors="pt").input_ids

@@ -202,6 +202,18 @@ def max_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
     return F.pad(x, (r, r), value=NEG_INF).unfold(-1, kernel, 1).amax(-1)
 
 
+def held_pool(pool, x: torch.Tensor, held: torch.Tensor, kernel: int) -> torch.Tensor:
+    """`pool` (mean_pool or max_pool) over each kv head's held tokens in slot
+    order, as if its holes were not there (the documented semantics: a layout
+    must not change a score). x [Hkv, ..., T], held [Hkv, T] bool; unheld
+    slots 0."""
+    out = torch.zeros_like(x)
+    for h in range(x.shape[0]):
+        slots = torch.nonzero(held[h]).flatten()
+        out[h][..., slots] = pool(x[h][..., slots], kernel)
+    return out
+
+
 def last_tokens(tokens: list[int], n: int) -> set[int]:
     return set(tokens[max(0, len(tokens) - n) :]) if n > 0 else set()
 
@@ -688,7 +700,8 @@ class DirectSnapKVDecode:
     """SnapKV, PyramidKV and Ada-KV re-applied while decoding (the *_decode
     policies). At each compression: the last `window` queries seen attend to
     the held keys (causal); SnapKV's score (mean over those queries, mean-pool
-    kernel 5 along the slot axis, unheld slots 0, mean over the GQA group);
+    kernel 5 over each head's held tokens, holes skipped, mean over the GQA
+    group);
     the last `window` held tokens kept; among the other held tokens, per kv
     head the best `count` (SnapKV; PyramidKV: this layer's pyramid count), or
     Ada-KV's layer-wide pool with its safeguard. Schedule: after the prefill,
@@ -716,7 +729,7 @@ class DirectSnapKVDecode:
 
     def keep(self, held: torch.Tensor, rel: float):
         qpos = torch.tensor(self.seen[-self.window:])
-        s = per_kv(mean_pool(attention(self.case, qpos, held).mean(dim=1), 5), self.case).mean(dim=1)
+        s = held_pool(mean_pool, per_kv(attention(self.case, qpos, held).mean(dim=1), self.case), held, 5).mean(dim=1)
         tokens = [torch.nonzero(held[h]).flatten().tolist() for h in range(self.case.hkv)]
         recent = [last_tokens(t, self.window) for t in tokens]
         candidates = [[j for j in t if j not in r] for t, r in zip(tokens, recent)]

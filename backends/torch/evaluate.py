@@ -146,20 +146,31 @@ def normalize(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def pool(x: torch.Tensor, valid: torch.Tensor, op: str, kernel: int) -> torch.Tensor:
-    """1-D pooling along tokens, stride 1, centred window; invalid slots are
-    excluded (-inf for max, 0 for mean; the mean divides by the kernel size, as
-    torch's avg_pool1d with count_include_pad does) and stay invalid."""
+    """1-D pooling along each head's held tokens, stride 1, centred window.
+    Holes are skipped, not pooled over: a token's window is its nearest held
+    neighbours in slot order, so where a head's tokens sit in the slots (the
+    layout) does not change its scores. Past the ends of the held tokens
+    nothing counts (-inf for max; the mean divides by the kernel size, as
+    torch's avg_pool1d with count_include_pad does). Invalid slots stay invalid."""
+    h, q, t = x.shape
+    # each head's held slots first, in slot order: a stable sort of "is a hole"
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True).expand(h, q, t)
+    packed = _pool_prefix(x.gather(-1, order), valid.expand(h, q, t).gather(-1, order), op, kernel)
+    return torch.empty_like(packed).scatter_(-1, order, packed)
+
+
+def _pool_prefix(x: torch.Tensor, valid: torch.Tensor, op: str, kernel: int) -> torch.Tensor:
+    """Pooling along slots where each row's held tokens are a prefix."""
     h, q, t = x.shape
     flat = x.reshape(h * q, 1, t)
+    held = valid.reshape(h * q, 1, t)
     pad = kernel // 2
     if op == "max":
-        src = flat.masked_fill(~valid.expand(h, q, t).reshape(h * q, 1, t), NEG_INF)
-        out = F.max_pool1d(src, kernel, stride=1, padding=pad)
+        out = F.max_pool1d(flat.masked_fill(~held, NEG_INF), kernel, stride=1, padding=pad)
     else:
-        src = torch.where(valid.expand(h, q, t).reshape(h * q, 1, t) & torch.isfinite(flat), flat, torch.zeros_like(flat))
+        src = torch.where(held & torch.isfinite(flat), flat, torch.zeros_like(flat))
         out = F.avg_pool1d(src, kernel, stride=1, padding=pad, count_include_pad=True)
-    out = out.reshape(h, q, t)
-    return out.masked_fill(~valid.expand(h, q, t), NEG_INF if op == "max" else 0.0)
+    return out.reshape(h, q, t).masked_fill(~valid, NEG_INF if op == "max" else 0.0)
 
 
 def head_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

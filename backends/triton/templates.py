@@ -96,11 +96,16 @@ def __NAME__(OUT, VALID, T, R, __PARAMS__, BLOCK_T: tl.constexpr):
 
 POOL = '''
 @triton.jit
-def __NAME__(OUT, VALID, T, R, __PARAMS__, KS: tl.constexpr, IS_MAX: tl.constexpr, BLOCK_T: tl.constexpr):
-    # centred pooling, stride 1, halo loads across block edges; invalid slots
-    # are absent (-inf for max, 0 for mean, which divides by KS) and stay invalid
+def __NAME__(OUT, HELD, COUNT, T, R, __PARAMS__, KS: tl.constexpr, IS_MAX: tl.constexpr, BLOCK_T: tl.constexpr):
+    # centred pooling, stride 1, over each head's held tokens: HELD[h] lists
+    # its held slots in slot order, then its holes; COUNT[h] is how many are
+    # held. Windows run over that list, so holes are skipped (the layout does
+    # not change a score); past its ends nothing counts (-inf for max, 0 for
+    # mean, which divides by KS); each result is stored at its slot, so
+    # invalid slots stay invalid
     h = tl.program_id(0)
     r = tl.program_id(1)
+    n = tl.load(COUNT + h)
     for start in range(0, T, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
         tmask = offs < T
@@ -110,19 +115,20 @@ def __NAME__(OUT, VALID, T, R, __PARAMS__, KS: tl.constexpr, IS_MAX: tl.constexp
             acc = tl.zeros([BLOCK_T], tl.float32)
         for j in tl.static_range(KS):
             at = offs + (j - KS // 2)
-            inside = (at >= 0) & (at < T)
-            held = tl.load(VALID + h * T + at, mask=inside, other=0) != 0
-            x = __FN__(h, r, at, inside, __ARGS__)
+            inside = (at >= 0) & (at < n)
+            slot = tl.load(HELD + h * T + at, mask=inside, other=0)
+            x = __FN__(h, r, slot, inside, __ARGS__)
             if IS_MAX:
-                acc = tl.maximum(acc, tl.where(held, x, float("-inf")))
+                acc = tl.maximum(acc, tl.where(inside, x, float("-inf")))
             else:
-                acc = acc + tl.where(held & _finite(x), x, 0.0)
-        held = tl.load(VALID + h * T + offs, mask=tmask, other=0) != 0
+                acc = acc + tl.where(inside & _finite(x), x, 0.0)
+        held = offs < n
         if IS_MAX:
             out = tl.where(held, acc, float("-inf"))
         else:
             out = tl.where(held, acc / KS, 0.0)
-        tl.store(OUT + (h * R + r) * T + offs, out, mask=tmask)
+        slot = tl.load(HELD + h * T + offs, mask=tmask, other=0)
+        tl.store(OUT + (h * R + r) * T + slot, out, mask=tmask)
 '''
 
 HEAD_MEAN = '''
