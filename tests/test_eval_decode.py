@@ -4,6 +4,7 @@ bytes holds every policy's peak within tolerance of the target."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -123,6 +124,25 @@ def test_peak_sizing_holds_the_peak_within_tolerance(smollm2, prose, name, fract
     peak = stats.peak_kv_bytes / stats.kv_bytes_full
     assert abs(peak - fraction) <= mem.tolerance(fraction), (setting.how, peak)
     assert "within tolerance" in setting.how and stats.compression_steps  # it compresses while decoding
+
+
+@pytest.mark.parametrize("floor, target", [(0.30, 0.25), (0.10, 0.25)])
+def test_peak_sizing_moves_p_both_ways_when_the_budget_cannot_reach_the_target(floor, target):
+    """A top-p policy whose peak the budget cannot bring to the target: with
+    a peak that grows with -ln(1 - p) (a top-p set's size on a power-law
+    ranking), `floor` at p = 0.9, plus a little per budget token, the budget
+    search plateaus at `floor` (above or below the target), and p is then
+    lowered or raised until the peak is within tolerance."""
+    policy = kvpolicy.load("hardkv_decode")  # p = 0.9 by default
+
+    def peak(sized):
+        values = sized.params()
+        return floor * math.log(1 - values["p"]) / math.log(0.1) + 1e-5 * values["budget"]
+
+    setting, sized = mem.plan_peak("hardkv_decode", policy, target, 1000, peak)
+    assert abs(peak(sized) - target) <= mem.tolerance(target), setting.how
+    assert (sized.params()["p"] < 0.9) == (floor > target)
+    assert ("p lowered" if floor > target else "p raised") in setting.how
 
 
 def test_decode_schedule_slack_is_the_first_guess():

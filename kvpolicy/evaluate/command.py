@@ -40,14 +40,14 @@ HARDKV_QUICK = {
 }
 # docs/hardkv.md, decode regime: compression while the model generates, at
 # equal PEAK memory over the continuation (kvpolicy/evaluate/decode.py).
-# At 1k tokens, 10% of the cache is less than the 128-token buffer of the
-# papers' schedules: no decode-time policy at its defaults can hold it.
+# 2048-token traces: 10% of a shorter cache is less than the papers'
+# 128-token buffer plus a useful budget.
 DECODE = {
-    "policy": "full,hardkv_decode,snapkv_decode,adakv_decode,rkv",
+    "policy": "full,hardkv_decode,snapkv_decode,adakv_decode,pyramidkv_decode,rkv",
     "task": "reasoning,prose",
     "context": 128,
-    "continuation": 1024,
-    "memory": "0.25,0.5",
+    "continuation": 2048,
+    "memory": "0.1,0.25,0.5",
     "samples": 1,
 }
 DECODE_QUICK = {

@@ -318,9 +318,10 @@ def plan_peak(label: str, policy, fraction: float, total: int, measure_policy) -
     measure_policy(policy) -> that peak fraction, one run over the whole
     continuation. The budget is searched first, from the schedule's first
     guess (budget + slack = target); a policy that also has `p` (top-p
-    selection under a cap) whose bytes stop growing below the target with
-    the budget then gets `p` raised at that budget. A policy with `p` only
-    gets `p` searched."""
+    selection under a cap) whose peak the budget cannot bring to the target
+    then gets `p` searched at that budget: raised when the peak stops growing
+    below the target, lowered when it stops falling above it. A policy with
+    `p` only gets `p` searched."""
     name = knob(policy)
     if name is None:
         raise SizingError(f"{label} has no size param (budget or p): it cannot be sized to a peak memory")
@@ -342,13 +343,18 @@ def plan_peak(label: str, policy, fraction: float, total: int, measure_policy) -
         x, held, probes = search(lambda b: measure_policy(build(budget=_value("budget", b))[0]), fraction, x0, 2, total, True)
         values = {"budget": _value("budget", x)}
         steps.append(f"first guess budget={x0} (= {fraction:g} x {total} tokens - {slack} the schedule adds)")
-        if "p" in params and params["p"].unit == "prob" and held < fraction - tolerance(fraction):
+        if "p" in params and params["p"].unit == "prob" and abs(held - fraction) > tolerance(fraction):
+            # The budget alone cannot reach the target: below it, top-p keeps
+            # less than the cap allows (raise p); above it, the peak no longer
+            # falls with the budget, because top-p's own set plus the tokens of
+            # an interval already exceed it (lower p).
             fixed = dict(values)
             known = {float(params["p"].value): held}
+            raise_p = held < fraction
             x, held, more = search(lambda p: measure_policy(build(**fixed, p=_value("p", p))[0]), fraction,
                                    float(params["p"].value), P_RANGE[0], P_RANGE[1], False, known=known)
             values = dict(fixed, p=_value("p", x))
-            steps.append(f"top-p keeps less than the cap at budget={fixed['budget']}: p raised")
+            steps.append(f"top-p keeps {'less' if raise_p else 'more'} than the target at budget={fixed['budget']}: p {'raised' if raise_p else 'lowered'}")
             probes = probes + [(f"p={a}", b) for a, b in more]
     else:
         x, held, probes = search(lambda p: measure_policy(build(p=_value("p", p))[0]), fraction,
