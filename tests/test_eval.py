@@ -198,6 +198,19 @@ def test_search_moves_p_in_log_space_and_reports_unreachable_targets():
     assert held == 0.1 and len(probes) < mem.MAX_PROBES  # capped: the closest reachable, without wasting probes
 
 
+def test_search_probes_the_end_of_a_plateau_before_giving_up():
+    """hardkv_decode's peak while decoding: flat in p while the prompt's first
+    interval sets it (every top-p set is smaller), rising once the sets
+    outgrow it. Two equal probes must not end the search there."""
+    def measure(p):
+        u = -math.log(1 - p)
+        return 0.2 if u < 4.6 else 0.2 + 0.6 * (u - 4.6) / (13.8 - 4.6)
+
+    x, held, probes = mem.search(measure, 0.25, 0.9, *mem.P_RANGE, integer=False)
+    assert abs(held - 0.25) <= mem.tolerance(0.25) and -math.log(1 - x) > 4.6
+    assert mem.P_RANGE[1] in dict(probes)  # the end was probed once
+
+
 def test_plan_search_reports_param_and_measurement():
     def measure_policy(policy):
         return min(1.0, 1.3 * policy.params()["budget"] / 1000)

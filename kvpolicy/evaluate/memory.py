@@ -191,11 +191,19 @@ def search(measure: Callable[[float], float], target: float, x0: float, lo: floa
                 break  # integer steps exhausted
         else:
             side = below if below else above
+            x, h = side[-1] if below else side[0]
+            end = hi if below else lo
             if len(side) >= 2:
                 (_, h1), (_, h2) = (side[-2], side[-1]) if below else (side[0], side[1])
                 if abs(h2 - h1) < tol / 4:
-                    break  # a plateau: more of this param does not change the bytes held
-            x, h = side[-1] if below else side[0]
+                    # A plateau: more of this param does not change the bytes
+                    # held here. It may further on (a top-p set that has not
+                    # yet outgrown the prompt's first interval), so the end of
+                    # the range is probed once before giving up.
+                    if from_u(to_u(end)) in probes:
+                        break
+                    probe(from_u(to_u(end)))
+                    continue
             if integer:
                 nxt = from_u(x * target / h if h > 0 else x * 2)
             else:
