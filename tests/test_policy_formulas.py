@@ -479,22 +479,23 @@ def hardkv_metric(z: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     return torch.softmax(max_pool(z, 7) / temperature.double()[:, None, None], dim=-1)
 
 
-def direct_hardkv_sparse(case: Case, p: float, budget: int, window: int, temperature: torch.Tensor, rel: float):
+def direct_hardkv_sparse(case: Case, p: float, budget: int, window: int, temperature: torch.Tensor, rel: float,
+                         floor: int | None = None):
     """HARD-KV's first compression: the sparse tier keeps top_p of the
     calibrated metric (averaged over the observed queries), at most
-    2 * budget - 1, plus the protected sink and window."""
+    2 * budget - 1 (at least `floor`), plus the protected sink and window."""
     s = hardkv_metric(group_max_logits(case, window), temperature).mean(dim=1)
-    return sparse_tier(case, s, p, budget, window, rel)
+    return sparse_tier(case, s, p, budget, window, rel, floor)
 
 
-def sparse_tier(case: Case, s: torch.Tensor, p: float, budget: int, window: int, rel: float):
-    """Per head: top_p of s [Hkv, T], at most 2 * budget - 1, plus the sink and window."""
+def sparse_tier(case: Case, s: torch.Tensor, p: float, budget: int, window: int, rel: float, floor: int | None = None):
+    """Per head: top_p of s [Hkv, T], at most 2 * budget - 1 (at least `floor`), plus the sink and window."""
     held = list(range(case.T))
     protected = {0} | set(range(case.T - window, case.T))
     candidates = [j for j in held if j not in protected]
     out = []
     for h in range(case.hkv):
-        want, excused = top_p(s[h].tolist(), held, candidates, protected, p, 2 * budget - 1, rel)
+        want, excused = top_p(s[h].tolist(), held, candidates, protected, p, 2 * budget - 1, rel, floor)
         out.append((want | protected, excused))
     return out
 
@@ -959,9 +960,12 @@ def test_pyramidkv_decode_every_buffer_steps(case, data):
 def direct_sparse_tier(name: str):
     """The direct formula of a HARD-KV flavour's first compression
     (hardkv_decode, which rewrites each head at once, keeps what hardkv's
-    sparse tier keeps)."""
-    if name in ("hardkv", "hardkv_decode"):
+    sparse tier keeps, with a floor of `budget` tokens per head)."""
+    if name == "hardkv":
         return direct_hardkv_sparse
+    if name == "hardkv_decode":  # every head keeps at least `budget`: the sink, the window and budget - window - 1 scored
+        return lambda case, p, budget, window, temperature, rel: direct_hardkv_sparse(case, p, budget, window, temperature, rel,
+                                                                                       budget - window - 1)
     return lambda case, p, budget, window, temperature, rel: direct_hardkv_rkv_sparse(case, p, budget, window, 0.07, temperature, rel)
 
 
@@ -970,7 +974,7 @@ def direct_sparse_tier(name: str):
 @given(case=random_cases(), data=st.data())
 def test_hardkv_sparse_tier(name, case, data):
     window = data.draw(st.integers(1, case.T - 2), label="window")
-    budget = data.draw(st.integers(1, case.T), label="budget")
+    budget = data.draw(st.integers(window + 1 if name == "hardkv_decode" else 1, case.T), label="budget")  # its floor: budget - window - 1 >= 0
     p = data.draw(st.sampled_from([0.5, 0.8, 0.9, 0.95]), label="p")
     policy = kvpolicy.load(name, p=p, budget=budget, window=window)
     if name == "hardkv_decode" and case.T <= budget + window:  # `at prefill when length > budget + window`: a prompt that fits stays whole
