@@ -80,14 +80,15 @@ def decode_table_text(data: dict) -> str:
         lines.append(f"{task}: {n} sample{'s' if n != 1 else ''}, {config['prompt_tokens']}-token prompt (prose; reasoning: its problems), "
                      f"{config['continuation']}-token continuation; memory = PEAK KV bytes over it vs the full cache at its end")
         segs = max((len(r["segments"] or []) for r in rows), default=0)
-        header = (f"{'policy':<16} {'memory':>6} {'peak':>7} {'mean':>7} {'events':>6} {'KL':>8} {'top-1':>7} {'ppl':>8}  "
+        width = max([16] + [len(r["policy"]) for r in rows])
+        header = (f"{'policy':<{width}} {'memory':>6} {'peak':>7} {'mean':>7} {'events':>6} {'KL':>8} {'top-1':>7} {'ppl':>8}  "
                   + " ".join(f"{'KL q' + str(i + 1):>8}" for i in range(segs)))
         lines.append(header.rstrip())
         lines.append("-" * len(header.rstrip()))
         for r in rows:
             memory = "-" if r["memory"] is None else f"{100 * r['memory']:g}%"
             seg = " ".join(f"{_kl(x):>8}" for x in (r["segments"] or []))
-            lines.append(f"{r['policy']:<16} {memory:>6} {_pct(r['peak']):>7} {_pct(r['mean']):>7} {_num(r['compressions'], '.0f'):>6} "
+            lines.append(f"{r['policy']:<{width}} {memory:>6} {_pct(r['peak']):>7} {_pct(r['mean']):>7} {_num(r['compressions'], '.0f'):>6} "
                          f"{_kl(r['kl']):>8} {_pct(r['top1'], 0):>7} {_num(r['ppl'], '.2f'):>8}  {seg}".rstrip())
         lines.append("")
     settings = [s for s in data["settings"] if s["method"] != "reference"]
