@@ -59,7 +59,8 @@ def test_events_fire_at_r_kv_schedule_and_peak_is_budget_plus_buffer(smollm2, pr
 @pytest.mark.model
 @pytest.mark.parametrize("name, params", [
     ("snapkv_decode", {"budget": 24, "buffer": 16, "window": 8}),  # `when length >=`, flatten_max
-    ("hardkv_decode", {"budget": 16, "interval": 20, "window": 8}),  # `every N steps`, flatten_sum, calibrated top-p
+    ("adakv_decode", {"budget": 24, "buffer": 20, "window": 8}),  # `every N steps`, flatten_sum, a per-layer total
+    ("hardkv_decode", {"budget": 16, "buffer": 20, "window": 8}),  # calibrated top-p above a floor
     ("hardkv", {"budget": 16, "interval": 20, "window": 8}),  # a cascade: masks, then rewrites
     ("kivi", {}),  # int4 tiers
 ])
@@ -117,7 +118,7 @@ def test_prefill_guard_keeps_a_short_prompt_and_compresses_a_long_one(smollm2, p
 @pytest.mark.model
 @pytest.mark.parametrize("name, fraction", [("rkv", 0.4), ("adakv_decode", 0.3), ("hardkv_decode", 0.45)])
 def test_peak_sizing_holds_the_peak_within_tolerance(smollm2, prose, name, fraction):
-    policy = kvpolicy.load(name, **({"interval": 32} if name == "hardkv_decode" else {"buffer": 32}))
+    policy = kvpolicy.load(name, buffer=32)
     total = PROMPT + CONTINUATION - 1
     setting, sized = mem.plan_peak(name, policy, fraction, total, lambda p: (lambda s: s.peak_kv_bytes / s.kv_bytes_full)(run(smollm2, prose, p)))
     stats = run(smollm2, prose, sized)  # measured again, independently of the search's own probes

@@ -488,6 +488,18 @@ def direct_hardkv_sparse(case: Case, p: float, budget: int, window: int, tempera
     return sparse_tier(case, s, p, budget, window, rel, floor)
 
 
+def direct_hardkv_decode(case: Case, p: float, budget: int, window: int, temperature: torch.Tensor, rel: float):
+    """hardkv_decode's compression: top_p of SnapKV's metric calibrated,
+    softmax(log(a) / T) per observed query row with a = the row's attention
+    averaged over the GQA group and mean-pooled over 5 tokens, averaged over
+    the rows; at least `budget` tokens per head (floor budget - window - 1
+    scored ones, plus the sink and window), at most 2 * budget - 1 scored."""
+    qpos = torch.arange(case.T - window, case.T)
+    a = mean_pool(per_kv(attention(case, qpos), case).mean(dim=1), 5)  # [Hkv, W, T]
+    s = torch.softmax(torch.log(a) / temperature.double()[:, None, None], dim=-1).mean(dim=1)
+    return sparse_tier(case, s, p, budget, window, rel, budget - window - 1)
+
+
 def sparse_tier(case: Case, s: torch.Tensor, p: float, budget: int, window: int, rel: float, floor: int | None = None):
     """Per head: top_p of s [Hkv, T], at most 2 * budget - 1 (at least `floor`), plus the sink and window."""
     held = list(range(case.T))
@@ -959,13 +971,12 @@ def test_pyramidkv_decode_every_buffer_steps(case, data):
 
 def direct_sparse_tier(name: str):
     """The direct formula of a HARD-KV flavour's first compression
-    (hardkv_decode, which rewrites each head at once, keeps what hardkv's
-    sparse tier keeps, with a floor of `budget` tokens per head)."""
+    (hardkv_decode: over SnapKV's metric, with a floor of `budget` tokens
+    per head)."""
     if name == "hardkv":
         return direct_hardkv_sparse
-    if name == "hardkv_decode":  # every head keeps at least `budget`: the sink, the window and budget - window - 1 scored
-        return lambda case, p, budget, window, temperature, rel: direct_hardkv_sparse(case, p, budget, window, temperature, rel,
-                                                                                       budget - window - 1)
+    if name == "hardkv_decode":
+        return direct_hardkv_decode
     return lambda case, p, budget, window, temperature, rel: direct_hardkv_rkv_sparse(case, p, budget, window, 0.07, temperature, rel)
 
 
