@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from kvpolicy.backends.torch.evaluate import held_first
+
 from .segments import HeadSegments
 
 
@@ -202,7 +204,7 @@ def _kept_first(kept: torch.Tensor, counts: torch.Tensor, width: int) -> torch.T
     (physical) order, then its dropped ones (stable)."""
     if bool((counts == width).all()):  # every head keeps `width`: nonzero is row-major, already in order
         return kept.nonzero()[:, 1].view(kept.shape[0], width)
-    return torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    return held_first(kept)[:, :width]
 
 
 def _append_slots(meta: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, fill) -> torch.Tensor:

@@ -153,10 +153,16 @@ def pool(x: torch.Tensor, valid: torch.Tensor, op: str, kernel: int) -> torch.Te
     nothing counts (-inf for max; the mean divides by the kernel size, as
     torch's avg_pool1d with count_include_pad does). Invalid slots stay invalid."""
     h, q, t = x.shape
-    # each head's held slots first, in slot order: a stable sort of "is a hole"
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True).expand(h, q, t)
+    order = held_first(valid).expand(h, q, t)
     packed = _pool_prefix(x.gather(-1, order), valid.expand(h, q, t).gather(-1, order), op, kernel)
     return torch.empty_like(packed).scatter_(-1, order, packed)
+
+
+def held_first(valid: torch.Tensor) -> torch.Tensor:
+    """Slot indices along the last axis: the held slots in slot order, then
+    the holes (a stable sort of "is a hole"). Pooling reads through it, in
+    the torch and Triton backends; compaction gathers by it."""
+    return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
 
 
 def _pool_prefix(x: torch.Tensor, valid: torch.Tensor, op: str, kernel: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpolicy.backends.torch.evaluate import held_first
+
 from .lowering import Buffer, Step
 
 
@@ -118,7 +120,7 @@ def _fused(mod, step: Step, inputs, valid, out, calibration, rows) -> torch.Tens
     if step.template == "map":
         kernel[(h, rows)](res, t, rows, *args, BLOCK_T=bt)
     elif step.template == "pool":
-        held, count = held_first(inputs.valid)
+        held, count = pool_index(inputs.valid)
         kernel[(h, rows)](res, held, count, t, rows, *args, KS=step.static["KS"], IS_MAX=step.static["IS_MAX"], BLOCK_T=bt)
     elif step.template == "head_mean":
         kernel[(rows,)](res, valid, h, t, rows, *args, BLOCK_T=bt)
@@ -127,11 +129,10 @@ def _fused(mod, step: Step, inputs, valid, out, calibration, rows) -> torch.Tens
     return res
 
 
-def held_first(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_index(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head: its held slots in slot order, then its holes ([Hkv, T] int32),
     and how many it holds ([Hkv] int32). The pool kernel reads through it."""
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
-    return order.to(torch.int32).contiguous(), valid.sum(dim=-1).to(torch.int32).contiguous()
+    return held_first(valid).to(torch.int32).contiguous(), valid.sum(dim=-1).to(torch.int32).contiguous()
 
 
 def _window(mod, step: Step, inputs, valid, out):
